@@ -1,0 +1,18 @@
+"""One exception type for every mistake a user can make (bad config, bad file, bad checkpoint).
+
+Entry points catch it and print its message as one line, exit status 2, no traceback.
+"""
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input, explained in one line."""
+
+
+def exit_on_user_error(main):
+    """Run main(); turn a UserError into `error: <message>` on stderr and exit status 2."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
