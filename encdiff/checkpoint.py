@@ -1,0 +1,172 @@
+"""Self-contained, safe checkpoints.
+
+One safetensors file per checkpoint: tensors under prefixes (`model.`, `ema.`, `vq.`, `opt.`, ...),
+and string metadata: `step`, `stage`, `config` (the resolved TOML), `versions`, JSON extras
+(optimiser param groups, scaler state) and `checksum`, a SHA-256 over every tensor's bytes, so a
+truncated or bit-flipped file is detected. Nothing is ever unpickled. Writes are atomic
+(temporary file, fsync, rename) and the last K checkpoints of a stage are kept.
+"""
+import hashlib
+import json
+import os
+import platform
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from encdiff import __version__
+from encdiff.errors import UserError
+
+CKPT_RE = re.compile(r"^ckpt_(\d{8})\.safetensors$")
+
+
+def checkpoint_name(step):
+    return f"ckpt_{step:08d}.safetensors"
+
+
+def versions():
+    return json.dumps({"encdiff": __version__, "torch": torch.__version__, "python": platform.python_version()})
+
+
+def tensors_checksum(tensors):
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(name.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        # view as bytes: works for every dtype (bf16 has no numpy equivalent)
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# flattening state into tensors + JSON
+
+
+def prefixed(prefix, state_dict):
+    # safetensors needs contiguous, unshared storage: channels_last weights are copied here
+    return {f"{prefix}.{k}": v.detach().contiguous().clone() for k, v in state_dict.items()}
+
+
+def unprefixed(prefix, tensors):
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def optimizer_to_tensors(opt, prefix):
+    """Optimiser state as tensors plus its param groups as JSON (no pickle)."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{prefix}.{idx}.{key}"] = t.detach().contiguous().clone()
+    return tensors, json.dumps(sd["param_groups"])
+
+
+def optimizer_from_tensors(opt, prefix, tensors, groups_json):
+    state = {}
+    for name, t in unprefixed(prefix, tensors).items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = t
+    opt.load_state_dict({"state": state, "param_groups": json.loads(groups_json)})
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def save_checkpoint(path, tensors, *, step, stage, config_toml, extra=None):
+    """Atomically write a checkpoint: temporary file, fsync, rename; the old file stays intact."""
+    path = Path(path)
+    meta = {
+        "step": str(step),
+        "stage": stage,
+        "config": config_toml,
+        "versions": versions(),
+        "checksum": tensors_checksum(tensors),
+    }
+    for k, v in (extra or {}).items():
+        meta[k] = v if isinstance(v, str) else json.dumps(v)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_metadata(path):
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable checkpoint ({e})") from None
+
+
+def load_checkpoint(path, device="cpu", verify=True):
+    """(tensors, metadata) of a checkpoint, verified against its checksum."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    meta = read_metadata(path)
+    for key in ("step", "stage", "config", "checksum"):
+        if key not in meta:
+            raise UserError(f"{path}: not an encdiff checkpoint (metadata has no '{key}')")
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: corrupt checkpoint ({e})") from None
+    if verify and tensors_checksum(tensors) != meta["checksum"]:
+        raise UserError(f"{path}: corrupt checkpoint (checksum mismatch: the file was truncated or altered)")
+    return tensors, meta
+
+
+def list_checkpoints(stage_dir):
+    """Checkpoint paths of a stage directory, oldest first."""
+    d = Path(stage_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if CKPT_RE.match(p.name))
+
+
+def latest_good_checkpoint(stage_dir, device="cpu"):
+    """Newest checkpoint that verifies, or None; corrupt ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(stage_dir)):
+        try:
+            tensors, meta = load_checkpoint(path, device)
+            return path, tensors, meta
+        except UserError as e:
+            warnings.warn(f"skipping {e}", stacklevel=2)
+    return None
+
+
+def prune_checkpoints(stage_dir, keep_last):
+    for path in list_checkpoints(stage_dir)[:-keep_last]:
+        path.unlink(missing_ok=True)
+
+
+def resolve_checkpoint(path, stage="encdiff"):
+    """A checkpoint file, or a run directory / stage directory -> its newest checkpoint file."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    for d in (p / stage, p):
+        found = list_checkpoints(d)
+        if found:
+            return found[-1]
+    raise UserError(f"{path}: no {stage} checkpoint (ckpt_*.safetensors) in this directory")

@@ -1,0 +1,370 @@
+"""Typed configuration: one dataclass per TOML table, defaults < files < command line.
+
+    cfg = parse_args(["--config", "config.toml", "--config", "configs/cpu.toml", "--encdiff.steps=500"])
+
+Unknown tables or keys, wrong types and invalid values raise UserError naming the key and where it
+came from, before any data is read or any model is built. `to_toml(cfg)` writes the resolved
+config; `from_toml_text` reads it back to an identical Config.
+"""
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from encdiff.errors import UserError
+
+STAGES = ("vqvae", "encdiff")
+DATASET_NAMES = ("synth3d", "shapes3d", "mpi3d", "cars3d", "dsprites", "h5")
+ATTENTION_BACKENDS = ("auto", "triton", "xformers", "sdpa", "math")
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+METRIC_NAMES = ("factor_vae", "dci", "mig", "sap", "beta_vae", "modularity_explicitness")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/synth3d"
+    seed: int = 0
+    resume: str = "auto"  # "auto": continue from the latest checkpoint in out_dir; "never"
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    device: str = "auto"  # "auto" (cuda if present), "cuda" or "cpu"
+    log_every: int = 100  # also the only place the step synchronises with the host
+    ckpt_every: int = 5000
+    keep_last: int = 3
+    image_every: int = 10000  # PNG grids of reconstructions / samples
+
+
+@dataclass
+class DataConfig:
+    name: str = "synth3d"
+    path: str = "data/synth3d.h5"
+    grid: str = "full"  # synth3d only: the grid generated when the file is missing ("full" | "small")
+    on_device: bool = True  # keep the dataset (or its latents) on the GPU: no data loader in the step
+
+
+@dataclass
+class VQVAEConfig:
+    steps: int = 20000
+    batch_size: int = 256  # global, split across ranks
+    lr: float = 1.152e-3  # released: 4.5e-6 x batch 256
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    ch: int = 32
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
+    enc_res_blocks: int = 2
+    dec_res_blocks: int = 3
+    z_channels: int = 3
+    embed_dim: int = 3
+    n_embed: int = 2048
+    beta: float = 0.25
+    ema_codebook: bool = False
+    use_gan: bool = False
+    disc_start: int = 0
+    disc_weight: float = 0.75
+    lpips_path: str = ""  # LPIPS weights file you supply; empty: no perceptual term
+    ckpt: str = ""  # use this VQ checkpoint and skip stage 1
+
+
+@dataclass
+class EncDiffConfig:
+    steps: int = 100000
+    batch_size: int = 128  # global, split across ranks
+    lr: float = 2.56e-4  # at lr_ref_batch; the used lr is lr * batch_size / lr_ref_batch
+    lr_ref_batch: int = 128
+    warmup_steps: int = 10000
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    ema_decay: float = 0.9999
+    ema_all: bool = False  # paper: EMA of encoder and U-Net; release: U-Net only
+    num_tokens: int = 20
+    token_dim: int = 16
+    encoder_ch: int = 128
+    model_channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    attention_levels: list[int] = field(default_factory=lambda: [0, 1, 2])
+    num_heads: int = 8
+    dropout: float = 0.0
+    timesteps: int = 1000
+    schedule: str = "cosine"  # "cosine" (paper) or "linear" (release)
+    loss: str = "l2"  # "l2" (paper) or "l1" (release)
+    grad_checkpoint: bool = False
+
+
+@dataclass
+class PerfConfig:
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    compile: str = "default"  # off | default | max-autotune-no-cudagraphs
+    channels_last: bool = True
+    attention: str = "auto"
+    fused_adam: bool = True  # CUDA only
+    tf32: bool = True
+    cache_latents: bool = True  # encode the frozen VQ latents once for stage 2
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = field(default_factory=lambda: list(METRIC_NAMES))
+    seed: int = 0
+    batch_size: int = 1024
+    quick: bool = False
+    pictures: bool = True
+    ddim_steps: int = 200
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    encdiff: EncDiffConfig = field(default_factory=EncDiffConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading values
+
+
+def _type_name(tp):
+    return getattr(tp, "__name__", str(tp)).replace("list[", "list of ").rstrip("]")
+
+
+def _coerce(value, tp, where):
+    """Check a TOML value against a field's type; ints are accepted where floats are expected."""
+    origin = get_origin(tp)
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list of {item_tp.__name__}, got {value!r}")
+        return [_coerce(v, item_tp, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"{where}: must be a finite number, got {value!r}")
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _parse_cli_value(text, tp):
+    """A command-line value: TOML syntax first (5, 1e-4, true, [1, 2]), else a bare string."""
+    if tp is str:
+        return text
+    if tp is bool and text.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+        return text.lower() in ("true", "yes", "1", "on")
+    if get_origin(tp) is list and not text.strip().startswith("["):
+        text = "[" + ",".join(f'"{t.strip()}"' if get_args(tp)[0] is str else t for t in text.split(",")) + "]"
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # _coerce then reports the type mismatch
+
+
+def _section_types(section_cls):
+    return get_type_hints(section_cls)
+
+
+def _apply(cfg, table, key, value, where, from_cli=False, sources=None):
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if table not in sections:
+        raise UserError(f"{where}: unknown table [{table}] (known: {', '.join(sections)})")
+    section = getattr(cfg, table)
+    types = _section_types(type(section))
+    if key not in types:
+        raise UserError(f"{where}: unknown key {table}.{key} (known: {', '.join(types)})")
+    tp = types[key]
+    if from_cli and isinstance(value, str):
+        value = _parse_cli_value(value, tp)
+    setattr(section, key, _coerce(value, tp, f"{where}: {table}.{key}"))
+    if sources is not None:
+        sources[f"{table}.{key}"] = where
+
+
+def load_file(cfg, path, sources=None):
+    """Apply one TOML file on top of cfg (later files win)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    apply_dict(cfg, data, str(path), sources)
+
+
+def apply_dict(cfg, data, where, sources=None):
+    for table, values in data.items():
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: '{table}' must be a table like [{table}], not a bare value")
+        for key, value in values.items():
+            _apply(cfg, table, key, value, where, sources=sources)
+
+
+def split_args(argv, extra_flags=()):
+    """Split argv into (config files, [(dotted key, raw value)], other args).
+
+    Accepts `--config FILE` (repeatable), `--section.key=value` and `--section.key value`.
+    Arguments not of those forms are returned untouched for the caller's own parser.
+    """
+    files, overrides, rest = [], [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" or a.startswith("--config="):
+            if "=" in a:
+                files.append(a.split("=", 1)[1])
+            elif i + 1 < len(argv):
+                files.append(argv[i + 1])
+                i += 1
+            else:
+                raise UserError("--config needs a file name")
+        elif a.startswith("--") and "." in a.split("=", 1)[0] and a.split("=", 1)[0] not in extra_flags:
+            if "=" in a:
+                key, value = a[2:].split("=", 1)
+            elif i + 1 < len(argv):
+                key, value = a[2:], argv[i + 1]
+                i += 1
+            else:
+                raise UserError(f"{a} needs a value")
+            overrides.append((key, value))
+        else:
+            rest.append(a)
+        i += 1
+    return files, overrides, rest
+
+
+def build_config(files=(), overrides=()):
+    cfg, sources = Config(), {}
+    for f in files:
+        load_file(cfg, f, sources)
+    for dotted, raw in overrides:
+        if dotted.count(".") != 1:
+            raise UserError(f"command line: override --{dotted} must look like --section.key=value")
+        table, key = dotted.split(".")
+        _apply(cfg, table, key, raw, "command line", from_cli=True, sources=sources)
+    validate(cfg, sources)
+    return cfg
+
+
+def parse_args(argv):
+    """Config from `--config FILE ... --section.key=value ...`; anything else is an error."""
+    files, overrides, rest = split_args(argv)
+    if rest:
+        raise UserError(f"unexpected argument {rest[0]!r} (use --config FILE and --section.key=value)")
+    return build_config(files, overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# values
+
+
+def validate(cfg, sources=None):
+    """Check values (not only types); the error names the key and the file that set it."""
+    sources = sources or {}
+
+    def _check(ok, key, msg):
+        if not ok:
+            where = f"{sources[key]}: " if key in sources else ""
+            raise UserError(f"{where}{key}: {msg}")
+
+    def _one_of(value, choices, key):
+        _check(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+    r, d, v, e, p, ev = cfg.run, cfg.data, cfg.vqvae, cfg.encdiff, cfg.perf, cfg.eval
+    _check(r.out_dir != "", "run.out_dir", "must not be empty")
+    _check(r.resume in ("auto", "never"), "run.resume", f"must be 'auto' or 'never'; got {r.resume!r}")
+    _check(len(r.stages) > 0 and all(s in STAGES for s in r.stages), "run.stages", f"must be a non-empty subset of {list(STAGES)}; got {r.stages}")
+    _one_of(r.device, ("auto", "cuda", "cpu"), "run.device")
+    for k in ("log_every", "ckpt_every", "keep_last", "image_every"):
+        _check(getattr(r, k) > 0, f"run.{k}", f"must be positive; got {getattr(r, k)}")
+    _one_of(d.name, DATASET_NAMES, "data.name")
+    _check(d.path != "", "data.path", "must not be empty")
+    _one_of(d.grid, ("full", "small"), "data.grid")
+    for sec, name in ((v, "vqvae"), (e, "encdiff")):
+        _check(sec.steps > 0, f"{name}.steps", f"must be positive; got {sec.steps}")
+        _check(sec.batch_size > 0, f"{name}.batch_size", f"must be positive; got {sec.batch_size}")
+        _check(sec.lr > 0, f"{name}.lr", f"must be positive; got {sec.lr}")
+        _check(len(sec.betas) == 2 and all(0 <= b < 1 for b in sec.betas), f"{name}.betas", f"must be two numbers in [0, 1); got {sec.betas}")
+    _check(v.ch > 0 and v.ch % 32 == 0, "vqvae.ch", f"must be a positive multiple of 32 (GroupNorm(32)); got {v.ch}")
+    _check(len(v.ch_mult) > 0 and all(m > 0 for m in v.ch_mult), "vqvae.ch_mult", f"must be positive numbers; got {v.ch_mult}")
+    for k in ("enc_res_blocks", "dec_res_blocks", "z_channels", "embed_dim", "n_embed"):
+        _check(getattr(v, k) > 0, f"vqvae.{k}", f"must be positive; got {getattr(v, k)}")
+    for k in ("beta", "disc_weight", "disc_start"):
+        _check(getattr(v, k) >= 0, f"vqvae.{k}", f"must be >= 0; got {getattr(v, k)}")
+    _check(e.lr_ref_batch > 0, "encdiff.lr_ref_batch", f"must be positive; got {e.lr_ref_batch}")
+    _check(e.warmup_steps >= 0, "encdiff.warmup_steps", f"must be >= 0; got {e.warmup_steps}")
+    _check(e.weight_decay >= 0, "encdiff.weight_decay", f"must be >= 0; got {e.weight_decay}")
+    _check(0 <= e.ema_decay < 1, "encdiff.ema_decay", f"must be in [0, 1); got {e.ema_decay}")
+    for k in ("num_tokens", "token_dim", "encoder_ch", "model_channels", "num_res_blocks", "num_heads", "timesteps"):
+        _check(getattr(e, k) > 0, f"encdiff.{k}", f"must be positive; got {getattr(e, k)}")
+    _check(len(e.channel_mult) > 0 and all(m > 0 for m in e.channel_mult), "encdiff.channel_mult", f"must be positive numbers; got {e.channel_mult}")
+    _check(all(0 <= a < len(e.channel_mult) for a in e.attention_levels), "encdiff.attention_levels", f"must be level indices below {len(e.channel_mult)}; got {e.attention_levels}")
+    for m in e.channel_mult:
+        c = e.model_channels * m
+        _check(c % 32 == 0 and c % e.num_heads == 0, "encdiff.model_channels", f"every level's channels ({c}) must be divisible by 32 and by num_heads={e.num_heads}")
+    _check(0 <= e.dropout < 1, "encdiff.dropout", f"must be in [0, 1); got {e.dropout}")
+    _one_of(e.schedule, ("cosine", "linear"), "encdiff.schedule")
+    _one_of(e.loss, ("l1", "l2"), "encdiff.loss")
+    _one_of(p.precision, PRECISIONS, "perf.precision")
+    _one_of(p.compile, COMPILE_MODES, "perf.compile")
+    _one_of(p.attention, ATTENTION_BACKENDS, "perf.attention")
+    _check(all(m in METRIC_NAMES for m in ev.metrics), "eval.metrics", f"unknown metric in {ev.metrics}; known: {', '.join(METRIC_NAMES)}")
+    _check(ev.batch_size > 0, "eval.batch_size", f"must be positive; got {ev.batch_size}")
+    _check(ev.ddim_steps > 0, "eval.ddim_steps", f"must be positive; got {ev.ddim_steps}")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)  # repr round-trips floats exactly
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg):
+    """The resolved config as TOML text; from_toml_text(to_toml(cfg)) == cfg."""
+    lines = []
+    for sec in dataclasses.fields(cfg):
+        lines.append(f"[{sec.name}]")
+        for f in dataclasses.fields(getattr(cfg, sec.name)):
+            lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, sec.name), f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def from_toml_text(text, where="stored config"):
+    cfg = Config()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: not valid TOML ({e})") from None
+    apply_dict(cfg, data, where)
+    validate(cfg)
+    return cfg
+
+
+def as_dict(cfg):
+    return dataclasses.asdict(cfg)

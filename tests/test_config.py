@@ -1,0 +1,80 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from encdiff.config import Config, build_config, from_toml_text, parse_args, to_toml
+from encdiff.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_toml_lists_the_defaults():
+    # config.toml documents every default: it must not drift from the dataclasses
+    assert parse_args(["--config", str(ROOT / "config.toml")]) == Config()
+
+
+def test_every_preset_parses():
+    for preset in sorted((ROOT / "configs").glob("*.toml")):
+        parse_args(["--config", str(ROOT / "config.toml"), "--config", str(preset)])
+
+
+def test_later_files_win_and_overrides_come_last(tmp_path):
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text("[encdiff]\nsteps = 10\nlr = 1e-4\n")
+    b.write_text("[encdiff]\nsteps = 20\n")
+    cfg = parse_args(["--config", str(a), "--config", str(b), "--encdiff.lr", "3e-4", "--run.stages=encdiff"])
+    assert cfg.encdiff.steps == 20 and cfg.encdiff.lr == 3e-4 and cfg.run.stages == ["encdiff"]
+
+
+def test_cli_values_are_parsed_to_the_field_type():
+    cfg = parse_args(["--vqvae.betas=0.1,0.2", "--perf.channels_last=false", "--encdiff.channel_mult=[1,2]", "--encdiff.attention_levels=0,1",
+                      "--eval.metrics", "dci,mig", "--encdiff.dropout=0"])
+    assert cfg.vqvae.betas == [0.1, 0.2] and cfg.perf.channels_last is False
+    assert cfg.encdiff.channel_mult == [1, 2] and cfg.eval.metrics == ["dci", "mig"]
+    assert isinstance(cfg.encdiff.dropout, float)
+
+
+def test_round_trip_is_identical():
+    cfg = parse_args(["--encdiff.lr=1.234567890123e-4", "--run.out_dir=a \"quoted\" dir\\x", "--eval.metrics=dci"])
+    assert from_toml_text(to_toml(cfg)) == cfg
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--encdiff.stepz=5"], "unknown key encdiff.stepz"),
+    (["--nosuch.key=5"], "unknown table [nosuch]"),
+    (["--encdiff.steps=ten"], "encdiff.steps: expected int"),
+    (["--encdiff.steps=0"], "encdiff.steps: must be positive"),
+    (["--encdiff.lr=-1"], "encdiff.lr: must be positive"),
+    (["--perf.attention=cuda"], "perf.attention: must be one of"),
+    (["--encdiff.schedule=sqrt"], "encdiff.schedule"),
+    (["--eval.metrics=fid"], "eval.metrics"),
+    (["--config", "/nonexistent.toml"], "config file not found"),
+    (["stray"], "unexpected argument"),
+])
+def test_bad_input_is_one_clear_error(args, needle):
+    with pytest.raises(UserError, match=None) as e:
+        parse_args(args)
+    assert needle in str(e.value)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[encdiff]\nsteps = 'many'\n")
+    with pytest.raises(UserError, match="bad.toml: encdiff.steps"):
+        build_config([bad])
+    bad.write_text("[encdiff]\nsteps = -3\n")
+    with pytest.raises(UserError, match="bad.toml: encdiff.steps: must be positive"):
+        build_config([bad])
+    bad.write_text("[encdiff\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        build_config([bad])
+
+
+def test_train_py_reports_config_errors_in_one_line_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--encdiff.stepz=1"], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "unknown key encdiff.stepz" in r.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was written before the error
