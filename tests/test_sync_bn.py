@@ -1,0 +1,60 @@
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from encdiff.sync_bn import GlobalBatchNorm2d, convert_to_global_bn
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, x, w_out, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    bn = convert_to_global_bn(nn.Sequential(nn.BatchNorm2d(3)))
+    shard = x.chunk(world)[rank].clone().requires_grad_(True)
+    y = bn(shard)
+    (y * w_out.chunk(world)[rank]).sum().backward()
+    q.put((rank, y.detach(), shard.grad, bn[0].weight.grad, bn[0].running_mean, bn[0].running_var))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_match_one_batchnorm_over_the_global_batch():
+    torch.manual_seed(1)
+    x, w_out = torch.randn(8, 3, 5, 5) * 2 + 1, torch.randn(8, 3, 5, 5)
+    ref = nn.BatchNorm2d(3)
+    xr = x.clone().requires_grad_(True)
+    y_ref = ref(xr)
+    (y_ref * w_out).sum().backward()
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, x, w_out, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = sorted(q.get(timeout=120) for _ in range(2))
+    for p in procs:
+        p.join(timeout=60)
+    y = torch.cat([o[1] for o in out])
+    gx = torch.cat([o[2] for o in out])
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(gx, xr.grad, atol=1e-5)
+    # the weight gradient is per-rank (DDP averages it); the sum over ranks is the full-batch one
+    assert torch.allclose(out[0][3] + out[1][3], ref.weight.grad, atol=1e-4)
+    assert torch.allclose(out[0][4], ref.running_mean, atol=1e-6) and torch.allclose(out[0][5], ref.running_var, atol=1e-5)
+
+
+def test_is_plain_batchnorm_without_process_group():
+    bn = GlobalBatchNorm2d(4)
+    ref = nn.BatchNorm2d(4)
+    x = torch.randn(6, 4, 3, 3)
+    assert torch.allclose(bn(x), ref(x))
