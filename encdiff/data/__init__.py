@@ -1,0 +1,22 @@
+"""Ground-truth datasets (DESIGN section 4).
+
+    ds = open_dataset("shapes3d", "data/3dshapes.h5")
+    ds.images[idx]                  # (n, 64, 64, 3) uint8 for an index array
+    ds.factors_of(idx)              # (n, num_factors) factor classes, row-major
+    images = load_all(ds)           # (N, 64, 64, 3) uint8: the memory map itself where possible
+    for start, chunk in iter_chunks(ds): ...   # streamed in order, with a progress bar
+"""
+from encdiff.data.dataset import GroundTruthDataset, Images, iter_chunks, load_all
+from encdiff.data.formats import DATASETS, FACTORS, open_dataset
+
+
+def ensure_synth3d(path, grid="full", progress=True):
+    """Generate the bundled synth3d file at `path` if it is missing (see encdiff.data.synth)."""
+    # Imported here, not above: `python -m encdiff.data.synth` must not find the module already imported.
+    from encdiff.data.synth import ensure_synth3d
+
+    return ensure_synth3d(path, grid, progress)
+
+
+__all__ = ["DATASETS", "FACTORS", "GroundTruthDataset", "Images", "ensure_synth3d", "iter_chunks", "load_all",
+           "open_dataset"]
