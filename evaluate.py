@@ -1,0 +1,113 @@
+"""Evaluate a trained EncDiff: disentanglement metrics of its concept scalars, and pictures.
+
+    python evaluate.py runs/synth3d                                   # newest EncDiff checkpoint of a run
+    python evaluate.py runs/synth3d/encdiff/ckpt_00100000.safetensors --metrics factor_vae,dci
+    python evaluate.py runs/synth3d --data.path /fast/synth3d.h5 --quick --out /tmp/eval
+    python evaluate.py runs/synth3d --baseline random                 # also score an untrained encoder
+
+The config is the checkpoint's own, then --config files, then --section.key=value overrides (so
+--data.path points it at another copy of the data). The whole dataset is encoded once, in index
+order; the metrics of encdiff.metrics are computed on the codes; a table is printed (with the
+paper's EncDiff numbers for its datasets) and metrics.json is written to --out (default: the
+checkpoint's folder), with PNG pictures when eval.pictures is on.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from encdiff.config import split_args
+from encdiff.errors import UserError, exit_on_user_error
+from encdiff.evaluation import (encode_dataset, format_table, load_trained, open_eval_dataset, picture_indices,
+                                picture_settings, random_encoder, save_pictures)
+from encdiff.metrics import compute_all, metric_names
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other user error
+        raise UserError(message)
+
+
+def parse_args(argv):
+    """-> (args, config files, overrides)."""
+    files, overrides, rest = split_args(argv)
+    p = ArgumentParser(prog="evaluate.py", description="Disentanglement metrics and pictures of an EncDiff checkpoint.")
+    p.add_argument("path", help="an EncDiff checkpoint file, or a run directory (its newest EncDiff checkpoint)")
+    p.add_argument("--metrics", help="comma-separated metric names (default: eval.metrics)")
+    p.add_argument("--quick", action="store_true", help="small sample counts and cheap pictures (tests, smoke runs)")
+    p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
+    p.add_argument("--baseline", choices=["random"], help="also score a freshly initialised (untrained) encoder")
+    return p.parse_args(rest), files, overrides
+
+
+def writable_dir(path):
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out: cannot create {path} ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"--out: cannot write to {path}")
+    return path
+
+
+def main(argv=None):
+    args, files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    requested = metric_names(args.metrics) if args.metrics is not None else None  # a typo fails before any loading
+    trained = load_trained(args.path, files, overrides)
+    cfg = trained.cfg
+    names = requested or metric_names(cfg.eval.metrics)
+    quick, seed = args.quick or cfg.eval.quick, cfg.eval.seed
+    if trained.device.type == "cuda" and cfg.perf.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ds = open_eval_dataset(trained)
+    out_dir = writable_dir(Path(args.out) if args.out else trained.path.parent)
+    print(f"checkpoint: {trained.path} (step {trained.step}), device {trained.device}")
+    print(f"data: {ds.name} {ds.path}, {len(ds):,} images, factors "
+          + ", ".join(f"{n} {s}" for n, s in zip(ds.factor_names, ds.factor_sizes)))
+    if trained.ignored:
+        print(f"note: kept the checkpoint's model config; ignored other values of {', '.join(trained.ignored)}")
+    if ds.name != trained.stored.data.name:
+        print(f"note: the model was trained on {trained.stored.data.name}, evaluated here on {ds.name}")
+
+    n_images, _, _ = picture_settings(cfg.eval, quick)
+    keep = picture_indices(n_images, len(ds), seed) if cfg.eval.pictures else ()
+    t0 = time.perf_counter()
+    codes, kept = encode_dataset(trained.encoder, ds, cfg.eval.batch_size, trained.device, trained.amp,
+                                 trained.channels_last, keep=keep)
+    seconds = time.perf_counter() - t0
+    print(f"encoded {len(ds):,} images in {seconds:.1f} s ({len(ds) / seconds:,.0f} images/s)")
+
+    results = compute_all(codes, ds.factor_sizes, names, seed=seed, quick=quick)
+    baseline = None
+    if args.baseline == "random":
+        floor_codes, _ = encode_dataset(random_encoder(trained, seed), ds, cfg.eval.batch_size, trained.device,
+                                        trained.amp, trained.channels_last)
+        baseline = compute_all(floor_codes, ds.factor_sizes, names, seed=seed, quick=quick)
+    print(format_table(results, baseline, ds.name))
+    if quick:
+        print("note: --quick uses small sample counts: the numbers are noisy")
+
+    record = {**results, "data": {"name": ds.name, "path": str(ds.path), "num_images": len(ds),
+                                  "factor_sizes": list(ds.factor_sizes), "factor_names": list(ds.factor_names)},
+              "step": trained.step, "seed": seed, "quick": quick, "checkpoint": str(trained.path),
+              "baseline": None if baseline is None else {"encoder": "random", "seed": seed, **baseline}}
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {metrics_path}")
+
+    if cfg.eval.pictures:
+        _, n_values, steps = picture_settings(cfg.eval, quick)
+        n, tokens = len(kept) // 2, trained.encoder.num_tokens
+        samples = 3 * n + tokens * n_values + n * tokens
+        print(f"pictures: {samples} DDIM samples of {steps} steps (fewer: --quick, --eval.ddim_steps or --eval.pictures=false)")
+        for path in save_pictures(trained, kept, codes, out_dir, quick, seed):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
