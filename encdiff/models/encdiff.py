@@ -1,0 +1,63 @@
+"""EncDiff = concept encoder + latent U-Net cross-attending to its tokens, trained by the diffusion
+loss alone. Builders from the config live here so train.py and evaluate.py build the same models."""
+import torch
+import torch.nn as nn
+
+from encdiff.diffusion import Diffusion
+from encdiff.models.encoder import ConceptEncoder
+from encdiff.models.unet import UNet
+from encdiff.models.vqvae import VQModel
+
+
+def build_vq(v):
+    """VQModel from a VQVAEConfig."""
+    return VQModel(
+        ch=v.ch, ch_mult=tuple(v.ch_mult), enc_res_blocks=v.enc_res_blocks, dec_res_blocks=v.dec_res_blocks,
+        z_channels=v.z_channels, embed_dim=v.embed_dim, n_embed=v.n_embed, beta=v.beta, ema_codebook=v.ema_codebook,
+    )
+
+
+def build_encoder(e):
+    return ConceptEncoder(num_tokens=e.num_tokens, token_dim=e.token_dim, ch=e.encoder_ch)
+
+
+def build_unet(e, latent_channels, attn_backend="auto"):
+    return UNet(
+        in_channels=latent_channels, out_channels=latent_channels, model_channels=e.model_channels,
+        channel_mult=tuple(e.channel_mult), num_res_blocks=e.num_res_blocks,
+        attention_levels=tuple(e.attention_levels), num_heads=e.num_heads, context_dim=e.token_dim,
+        dropout=e.dropout, grad_checkpoint=e.grad_checkpoint, attn_backend=attn_backend,
+    )
+
+
+def build_diffusion(e):
+    return Diffusion(timesteps=e.timesteps, schedule=e.schedule, loss=e.loss)
+
+
+class EncDiff(nn.Module):
+    """forward(images, z0, t, noise) -> scalar diffusion loss; the step that DDP and compile see."""
+
+    def __init__(self, encoder, unet, diffusion, loss="l2"):
+        super().__init__()
+        self.encoder = encoder
+        self.unet = unet
+        self.diffusion = diffusion
+        self.loss_kind = loss
+
+    def forward(self, images, z0, t, noise):
+        _, tokens = self.encoder(images)  # (B, num_tokens, token_dim)
+        zt = self.diffusion.q_sample(z0, t, noise)
+        eps = self.unet(zt, t, tokens)
+        err = eps.float() - noise.float()
+        return err.abs().mean() if self.loss_kind == "l1" else (err * err).mean()
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def uint8_to_model(x_u8, channels_last=False):
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    x = x_u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
