@@ -21,7 +21,7 @@ else:  # pragma: no cover
 from encdiff.errors import UserError
 
 STAGES = ("vqvae", "encdiff")
-DATASET_NAMES = ("synth3d", "shapes3d", "mpi3d", "cars3d", "dsprites", "h5")
+DATASET_NAMES = ("synth3d", "shapes3d", "mpi3d", "cars3d", "dsprites", "h5", "celeba", "imagefolder")
 ATTENTION_BACKENDS = ("auto", "triton", "xformers", "sdpa", "math")
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -51,6 +51,8 @@ class DataConfig:
 
 @dataclass
 class VQVAEConfig:
+    kind: str = "vq"  # "vq" (VQ autoencoder, the release) or "kl" (Gaussian-latent KL autoencoder)
+    kl_weight: float = 1e-6  # kind = "kl" only
     steps: int = 20000
     batch_size: int = 256  # global, split across ranks
     lr: float = 1.152e-3  # released: 4.5e-6 x batch 256
@@ -116,6 +118,7 @@ class EvalConfig:
     quick: bool = False
     pictures: bool = True
     ddim_steps: int = 200
+    inception_path: str = ""  # Inception weights you supply for FID; empty: FID is skipped
 
 
 @dataclass
@@ -300,6 +303,8 @@ def validate(cfg, sources=None):
         _check(sec.batch_size > 0, f"{name}.batch_size", f"must be positive; got {sec.batch_size}")
         _check(sec.lr > 0, f"{name}.lr", f"must be positive; got {sec.lr}")
         _check(len(sec.betas) == 2 and all(0 <= b < 1 for b in sec.betas), f"{name}.betas", f"must be two numbers in [0, 1); got {sec.betas}")
+    _one_of(v.kind, ("vq", "kl"), "vqvae.kind")
+    _check(v.kl_weight >= 0, "vqvae.kl_weight", f"must be >= 0; got {v.kl_weight}")
     _check(v.ch > 0 and v.ch % 32 == 0, "vqvae.ch", f"must be a positive multiple of 32 (GroupNorm(32)); got {v.ch}")
     _check(len(v.ch_mult) > 0 and all(m > 0 for m in v.ch_mult), "vqvae.ch_mult", f"must be positive numbers; got {v.ch_mult}")
     for k in ("enc_res_blocks", "dec_res_blocks", "z_channels", "embed_dim", "n_embed"):
