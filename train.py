@@ -13,6 +13,8 @@ import inspect
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -188,11 +190,136 @@ def reseed(seed, rank, step):
     torch.manual_seed(seed * 1_000_003 + rank * 7919 + step)
 
 
+class Halt(Exception):
+    """Training cannot go on (non-finite losses, a checkpoint that cannot be written)."""
+
+
+class StopSignal:
+    """SIGTERM/SIGINT (and any configured signal) ask the run to finish its step, write a
+    checkpoint and exit 0, so a preempted job resumes where it stopped. A second signal interrupts."""
+
+    def __init__(self, names):
+        self.received = None
+        for name in names:
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+
+def agree_to_stop(stop, d):
+    """True on every rank if any rank received a stop signal (all stop at the same step)."""
+    if not d.enabled:
+        return stop.received is not None
+    flag = torch.tensor([int(stop.received is not None)], device=d.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def make_scaler(prec, device):
+    """fp16: dynamic loss scaling. bf16/fp32: a fixed scale of 1 whose job is to skip an update
+    with non-finite gradients (without a host sync where the optimiser is fused)."""
+    if prec == "fp16":
+        return torch.amp.GradScaler(device.type, init_scale=2.0**16)
+    # GradScaler insists on growth > 1 and backoff < 1: make both negligible, and growth never happen
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_factor=1 + 2**-20, backoff_factor=1 - 2**-20,
+                                growth_interval=2**30)
+
+
+# Test hook for fault injection: ENCDIFF_INJECT_NAN="3,4" makes the loss of steps 3 and 4 NaN.
+INJECT_NAN = {int(s) for s in os.environ.get("ENCDIFF_INJECT_NAN", "").split(",") if s.strip()}
+
+
+def scaled_backward(scaler, loss, step):
+    if step in INJECT_NAN:
+        loss = loss * float("nan")
+    scaler.scale(loss).backward()
+    return loss
+
+
+class Window:
+    """Sums over the steps since the last log, kept on the device: the step never syncs."""
+
+    def __init__(self, device):
+        self.device = device
+        self.streak = torch.zeros((), device=device)  # non-finite steps in a row
+        self.reset()
+
+    def reset(self):
+        z = lambda: torch.zeros((), device=self.device)  # noqa: E731
+        self.loss, self.grad_norm, self.good, self.skipped = z(), z(), z(), z()
+        self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
+
+    def add(self, loss, grad_norm, images):
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        self.loss += torch.where(bad, 0.0, loss.detach().float())
+        self.grad_norm += torch.where(bad, 0.0, grad_norm.float())
+        self.good += ~bad
+        self.skipped += bad
+        self.streak = (self.streak + 1) * bad
+        self.steps += 1
+        self.images += images
+
+
+def end_of_step(done, total, r, d, win, opt, stage_dir, bar, stop, save):
+    """Log, checkpoint and stop checks after a step. Returns True when the run must stop now."""
+    bar.update(1)
+    log_now = done % r.log_every == 0 or done == total
+    if log_now:
+        sums = dist.all_reduce_mean(torch.stack([win.loss, win.grad_norm, win.good, win.skipped])).tolist()
+        good = max(sums[2], 1.0)
+        rec = {"step": done, "loss": sums[0] / good, "lr": opt.param_groups[0]["lr"], "grad_norm": sums[1] / good,
+               "skipped_nonfinite": int(round(sums[3])), "images_per_s": win.images / (time.perf_counter() - win.t0),
+               "peak_mem_mb": peak_memory_mb(d.device)}
+        if d.is_main:
+            append_jsonl(stage_dir / "log.jsonl", rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}")
+        streak = int(win.streak.item())
+        win.reset()
+        if streak >= r.max_nonfinite:
+            save(done, final=True)
+            bar.close()
+            raise Halt(f"{streak} steps in a row had a non-finite loss or gradient (each was skipped); stopped at "
+                       f"step {done} with the last good weights saved in {stage_dir}. Lower the learning rate or "
+                       f"use perf.precision = 'fp32', then rerun to resume.")
+    stopping = (log_now or done % r.stop_check_every == 0 or not d.enabled) and agree_to_stop(stop, d)
+    if stopping or done % r.ckpt_every == 0 or done == total:
+        save(done, final=stopping or done == total)
+    if stopping:
+        dist.print0(f"\nstopped by {stop.received or 'a signal on another rank'} at step {done}; checkpoint saved. "
+                    f"Run the same command to resume.")
+    return stopping
+
+
+def guarded_save(write, step, final, stage_dir, keep_last):
+    """Write a checkpoint; a failed write (full disk) warns and leaves the previous one intact,
+    except the last one of a stage, which must succeed."""
+    try:
+        write(step)
+        ckpt.prune_checkpoints(stage_dir, keep_last)
+    except OSError as e:
+        if final:
+            raise Halt(f"cannot write the checkpoint of step {step} in {stage_dir}: {e.strerror or e}") from None
+        import warnings
+
+        warnings.warn(f"checkpoint of step {step} not written ({e.strerror or e}); the previous one is intact", stacklevel=2)
+
+
+def check_disk_space(stage_dir, modules, copies):
+    """Fail early if a checkpoint (weights, optimiser moments, EMA: `copies` fp32 copies) cannot fit."""
+    need = copies * sum(p.numel() * 4 for m in modules for p in m.parameters()) * 2  # x2: old + new file
+    free = shutil.disk_usage(stage_dir).free
+    if free < need:
+        raise UserError(f"run.out_dir: {stage_dir} has {free / 2**20:.0f} MiB free; checkpoints need about {need / 2**20:.0f} MiB")
+
+
 # ---------------------------------------------------------------------------------------------
 # stage 1: VQ autoencoder
 
 
-def train_vqvae(cfg, d, images, out_dir):
+def train_vqvae(cfg, d, images, out_dir, stop):
     v, r = cfg.vqvae, cfg.run
     stage_dir = out_dir / "vqvae"
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -215,20 +342,23 @@ def train_vqvae(cfg, d, images, out_dir):
         if disc is not None and "disc_opt_groups" in meta:
             load_state(disc, tensors, "disc", path)
             ckpt.optimizer_from_tensors(opt_d, "opt_disc", tensors, meta["disc_opt_groups"])
+    amp, prec = autocast(cfg, d.device)
+    scaler = make_scaler(prec, d.device)
+    if found is not None and "scaler" in found[2]:
+        scaler.load_state_dict(json.loads(found[2]["scaler"]))
     if start >= v.steps:
         dist.print0(f"vqvae: finished already (step {start}), skipped")
-        return
+        return False
     dist.print0(f"vqvae: {count_params(model):,} parameters, steps {start} -> {v.steps}, global batch {v.batch_size}")
-    (stage_dir / "config.toml").write_text(to_toml(cfg)) if d.is_main else None
+    if d.is_main:
+        check_disk_space(stage_dir, [model] + ([disc] if disc is not None else []), copies=3)
+        (stage_dir / "config.toml").write_text(to_toml(cfg))
 
     ddp = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.enabled else model
     forward = compile_model(ddp, cfg.perf.compile)
-    amp, _ = autocast(cfg, d.device)
     reseed(r.seed, d.rank, start)
 
-    def save(step):
-        if not d.is_main:
-            return
+    def write(step):
         tensors = ckpt.prefixed("model", model.state_dict())
         opt_t, groups = ckpt.optimizer_to_tensors(opt, "opt")
         tensors.update(opt_t)
@@ -238,47 +368,44 @@ def train_vqvae(cfg, d, images, out_dir):
             od_t, od_groups = ckpt.optimizer_to_tensors(opt_d, "opt_disc")
             tensors.update(od_t)
             extra["disc_opt_groups"] = od_groups
+        extra["scaler"] = scaler.state_dict()
         ckpt.save_checkpoint(stage_dir / ckpt.checkpoint_name(step), tensors, step=step, stage="vqvae",
                              config_toml=to_toml(cfg), extra=extra)
-        ckpt.prune_checkpoints(stage_dir, r.keep_last)
 
+    def save(step, final=False):
+        if d.is_main:
+            guarded_save(write, step, final, stage_dir, r.keep_last)
+
+    params = list(model.parameters())
     bar = tqdm(total=v.steps, initial=start, desc="vqvae", disable=not d.is_main, dynamic_ncols=True)
-    loss_acc, t0, seen, window = torch.zeros((), device=d.device), time.perf_counter(), 0, 0
+    win = Window(d.device)
     for step in range(start, v.steps):
         x = fetch(images, batch_indices(step, len(images), v.batch_size, d, r.seed), d.device, cfg.perf.channels_last)
         with amp:
             xrec, qloss, _ = forward(x)
         loss, _ = loss_fn.generator_loss(x, xrec.float(), qloss.float(), step, model.last_layer_weight())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = scaled_backward(scaler, loss, step)
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        scaler.step(opt)  # skipped when the gradients are not finite
         if opt_d is not None:
             d_loss, _ = loss_fn.discriminator_loss(x, xrec.detach().float(), step)
             opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-        loss_acc += loss.detach()
-        seen += v.batch_size
-        window += 1
-        bar.update(1)
+            scaler.scale(d_loss).backward()
+            scaler.step(opt_d)
+        scaler.update()
+        win.add(loss, grad_norm, v.batch_size)
         done = step + 1
-        if done % r.log_every == 0 or done == v.steps:
-            mean_loss = dist.all_reduce_mean(loss_acc).item() / window
-            rate = seen / (time.perf_counter() - t0)
-            rec = {"step": done, "loss": mean_loss, "lr": opt.param_groups[0]["lr"], "images_per_s": rate,
-                   "peak_mem_mb": peak_memory_mb(d.device)}
-            if d.is_main:
-                append_jsonl(stage_dir / "log.jsonl", rec)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
-            loss_acc.zero_()
-            t0, seen, window = time.perf_counter(), 0, 0
         if d.is_main and (done % r.image_every == 0 or done == v.steps):
             with torch.no_grad():
                 save_grid(torch.cat([x[:8], xrec[:8].float()]), stage_dir / f"recon_{done:08d}.png", nrow=8, scale=2)
-        if done % r.ckpt_every == 0 or done == v.steps:
-            save(done)
+        if end_of_step(done, v.steps, r, d, win, opt, stage_dir, bar, stop, save):
+            bar.close()
+            return True
     bar.close()
     dist.barrier()
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,11 +434,12 @@ def encode_latents(vq, images, d, batch, amp):
     return torch.cat(gathered)[:n]  # (N, C, h, w)
 
 
-def train_encdiff(cfg, d, images, out_dir):
+def train_encdiff(cfg, d, images, out_dir, stop):
     e, r = cfg.encdiff, cfg.run
     stage_dir = out_dir / "encdiff"
     stage_dir.mkdir(parents=True, exist_ok=True)
-    amp, _ = autocast(cfg, d.device)
+    amp, prec = autocast(cfg, d.device)
+    scaler = make_scaler(prec, d.device)
     vq, vq_path = load_vq_for_stage2(cfg, out_dir, d.device)
 
     torch.manual_seed(r.seed)  # the same initial weights on every rank and in every run
@@ -339,12 +467,16 @@ def train_encdiff(cfg, d, images, out_dir):
         ema = {k: t.to(d.device) for k, t in ckpt.unprefixed("ema", tensors).items()}
         noise_gen.set_state(tensors["rng.noise"].cpu())
         scale = tensors["scale_factor"].to(d.device)
+        if "scaler" in meta:
+            scaler.load_state_dict(json.loads(meta["scaler"]))
     if start >= e.steps:
         dist.print0(f"encdiff: finished already (step {start}), skipped")
-        return
+        return False
     dist.print0(f"encdiff: encoder {count_params(model.encoder):,} + U-Net {count_params(model.unet):,} parameters, "
                 f"steps {start} -> {e.steps}, global batch {e.batch_size}, lr {lr:.3g}, VQ from {vq_path}")
-    (stage_dir / "config.toml").write_text(to_toml(cfg)) if d.is_main else None
+    if d.is_main:
+        check_disk_space(stage_dir, [model, vq], copies=4)
+        (stage_dir / "config.toml").write_text(to_toml(cfg))
 
     latents = encode_latents(vq, images, d, cfg.eval.batch_size, amp) if cfg.perf.cache_latents else None
 
@@ -370,9 +502,7 @@ def train_encdiff(cfg, d, images, out_dir):
     ema_params = [ema[k] for k, _ in ema_src.named_parameters()]
     src_params = [p for _, p in ema_src.named_parameters()]
 
-    def save(step):
-        if not d.is_main:
-            return
+    def write(step):
         tensors = {**ckpt.prefixed("encoder", model.encoder.state_dict()), **ckpt.prefixed("unet", model.unet.state_dict()),
                    **ckpt.prefixed("ema", ema), **ckpt.prefixed("vq", vq.state_dict())}
         opt_t, groups = ckpt.optimizer_to_tensors(opt, "opt")
@@ -380,11 +510,15 @@ def train_encdiff(cfg, d, images, out_dir):
         tensors["rng.noise"] = noise_gen.get_state().clone()
         tensors["scale_factor"] = scale.detach().float().cpu().reshape(())
         ckpt.save_checkpoint(stage_dir / ckpt.checkpoint_name(step), tensors, step=step, stage="encdiff",
-                             config_toml=to_toml(cfg), extra={"opt_groups": groups, "vq_source": str(vq_path)})
-        ckpt.prune_checkpoints(stage_dir, r.keep_last)
+                             config_toml=to_toml(cfg), extra={"opt_groups": groups, "vq_source": str(vq_path),
+                                                              "scaler": scaler.state_dict()})
+
+    def save(step, final=False):
+        if d.is_main:
+            guarded_save(write, step, final, stage_dir, r.keep_last)
 
     bar = tqdm(total=e.steps, initial=start, desc="encdiff", disable=not d.is_main, dynamic_ncols=True)
-    loss_acc, t0, seen, window = torch.zeros((), device=d.device), time.perf_counter(), 0, 0
+    win = Window(d.device)
     local = e.batch_size // d.world_size
     for step in range(start, e.steps):
         idx = batch_indices(step, len(images), e.batch_size, d, r.seed)
@@ -400,33 +534,23 @@ def train_encdiff(cfg, d, images, out_dir):
         with amp:
             loss = forward(x, z0, t, noise)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        done = step + 1
-        log_now = done % r.log_every == 0 or done == e.steps
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf")) if log_now else None
-        opt.step()
+        loss = scaled_backward(scaler, loss, step)
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # for the log and the non-finite check
+        scaler.step(opt)  # skipped when the gradients are not finite
+        scaler.update()
         decay = min(e.ema_decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(ema_params, [p.detach().float() for p in src_params], 1 - decay)
-        loss_acc += loss.detach()
-        seen += e.batch_size
-        window += 1
-        bar.update(1)
-        if log_now:
-            mean_loss = dist.all_reduce_mean(loss_acc).item() / window
-            rate = seen / (time.perf_counter() - t0)
-            rec = {"step": done, "loss": mean_loss, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm.item(),
-                   "images_per_s": rate, "peak_mem_mb": peak_memory_mb(d.device)}
-            if d.is_main:
-                append_jsonl(stage_dir / "log.jsonl", rec)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
-            loss_acc.zero_()
-            t0, seen, window = time.perf_counter(), 0, 0
-        if done % r.ckpt_every == 0 or done == e.steps:
-            save(done)
+        win.add(loss, grad_norm, e.batch_size)
+        done = step + 1
         if d.is_main and (done % r.image_every == 0 or done == e.steps):
             save_samples(model, vq, ema, ema_src, x[:8], scale, cfg, stage_dir / f"samples_{done:08d}.png", amp)
+        if end_of_step(done, e.steps, r, d, win, opt, stage_dir, bar, stop, save):
+            bar.close()
+            return True
     bar.close()
     dist.barrier()
+    return False
 
 
 @torch.no_grad()
@@ -471,13 +595,23 @@ def main(argv=None):
         if len(images) < getattr(cfg, name).batch_size:
             raise UserError(f"{name}.batch_size = {getattr(cfg, name).batch_size} is larger than the dataset ({len(images)} images)")
 
+    stop = StopSignal(cfg.run.stop_signals)
+    stopped = False
     if "vqvae" in cfg.run.stages and not cfg.vqvae.ckpt:
-        train_vqvae(cfg, d, images, out_dir)
-    if "encdiff" in cfg.run.stages:
-        train_encdiff(cfg, d, images, out_dir)
-    dist.print0(f"done: {out_dir}")
+        stopped = train_vqvae(cfg, d, images, out_dir, stop)
+    if "encdiff" in cfg.run.stages and not stopped:
+        stopped = train_encdiff(cfg, d, images, out_dir, stop)
+    dist.print0(f"{'stopped' if stopped else 'done'}: {out_dir}")
     dist.cleanup()
 
 
+def run():
+    try:
+        exit_on_user_error(main)
+    except Halt as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    run()

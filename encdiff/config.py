@@ -39,6 +39,9 @@ class RunConfig:
     ckpt_every: int = 5000
     keep_last: int = 3
     image_every: int = 10000  # PNG grids of reconstructions / samples
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT"])  # checkpoint, then exit 0
+    stop_check_every: int = 10  # steps between the ranks' agreement on a stop signal (a host sync)
+    max_nonfinite: int = 20  # non-finite steps in a row (skipped) before training stops
 
 
 @dataclass
@@ -293,6 +296,10 @@ def validate(cfg, sources=None):
     _check(r.resume in ("auto", "never"), "run.resume", f"must be 'auto' or 'never'; got {r.resume!r}")
     _check(len(r.stages) > 0 and all(s in STAGES for s in r.stages), "run.stages", f"must be a non-empty subset of {list(STAGES)}; got {r.stages}")
     _one_of(r.device, ("auto", "cuda", "cpu"), "run.device")
+    _check(all(sig in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP") for sig in r.stop_signals), "run.stop_signals",
+           f"must be among SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP; got {r.stop_signals}")
+    for k in ("stop_check_every", "max_nonfinite"):
+        _check(getattr(r, k) > 0, f"run.{k}", f"must be positive; got {getattr(r, k)}")
     for k in ("log_every", "ckpt_every", "keep_last", "image_every"):
         _check(getattr(r, k) > 0, f"run.{k}", f"must be positive; got {getattr(r, k)}")
     _one_of(d.name, DATASET_NAMES, "data.name")
