@@ -65,7 +65,7 @@ def check_output_dir(out_dir):
 def open_data(cfg, d):
     """Open (generating the bundled set on first use) and load the dataset as a uint8 tensor."""
     if cfg.data.name == "synth3d" and not Path(cfg.data.path).exists():
-        if d.is_main:
+        if d.local_rank == 0:  # once per node (the write is atomic, so a shared disk is fine too)
             ensure_synth3d(cfg.data.path, cfg.data.grid)
         dist.barrier()
     ds = open_dataset(cfg.data.name, cfg.data.path)
@@ -151,7 +151,7 @@ def load_state(module, tensors, prefix, path):
         raise UserError(f"{path}: cannot load '{prefix}' weights ({first})") from None
 
 
-def find_resume(stage_dir, cfg, stage):
+def find_resume(stage_dir, cfg, stage, d):
     if cfg.run.resume == "never":
         if ckpt.list_checkpoints(stage_dir):
             raise UserError(f"{stage_dir} already holds checkpoints and run.resume = 'never': use a new run.out_dir")
@@ -159,6 +159,12 @@ def find_resume(stage_dir, cfg, stage):
     found = ckpt.latest_good_checkpoint(stage_dir)
     if found is not None:
         check_compatible(found[2], cfg, stage, found[0])
+    # every rank must resume from the same step: on several nodes run.out_dir must be a shared disk
+    mine = int(found[2]["step"]) if found is not None else 0
+    first = dist.broadcast_object(mine)
+    if mine != first:
+        raise UserError(f"rank {d.rank} would resume {stage} from step {mine} but rank 0 from step {first}: "
+                        f"run.out_dir must be on a disk shared by every node")
     return found
 
 
@@ -333,7 +339,7 @@ def train_vqvae(cfg, d, images, out_dir, stop):
     opt_d = make_optimizer(torch.optim.Adam, disc.parameters(), v.lr, v.betas, d.device, cfg.perf.fused_adam) if disc is not None else None
 
     start = 0
-    found = find_resume(stage_dir, cfg, "vqvae")
+    found = find_resume(stage_dir, cfg, "vqvae", d)
     if found is not None:
         path, tensors, meta = found
         start = int(meta["step"])
@@ -457,7 +463,7 @@ def train_encdiff(cfg, d, images, out_dir, stop):
     noise_gen = torch.Generator(device=d.device).manual_seed(r.seed)  # same on every rank: draws for the global batch
 
     start, scale = 0, None
-    found = find_resume(stage_dir, cfg, "encdiff")
+    found = find_resume(stage_dir, cfg, "encdiff", d)
     if found is not None:
         path, tensors, meta = found
         start = int(meta["step"])

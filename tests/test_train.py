@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from encdiff import checkpoint as ckpt
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [  # a tiny model on a tiny generic-h5 dataset: seconds per run
     "--config", str(ROOT / "config.toml"), "--config", str(ROOT / "configs" / "smoke.toml"),
@@ -119,3 +121,32 @@ def test_missing_data_and_missing_vq_checkpoint(tmp_path, tiny_data):
     assert r.returncode == 2 and "nope.h5" in r.stderr
     r = run_train(tmp_path / "b", tiny_data, "--run.stages=encdiff", check=False)
     assert r.returncode == 2 and "no VQ checkpoint" in r.stderr
+
+
+def test_two_launchers_on_one_host_act_as_two_nodes(tmp_path, tiny_data):
+    """torchrun --nnodes=2 with a c10d rendezvous on 127.0.0.1, one process per 'node'."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    args = [*TINY, f"--run.out_dir={out}", "--data.name=h5", f"--data.path={tiny_data}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=twonodes",
+                               str(ROOT / "train.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=ROOT) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "world size 2" in outputs[0][0] + outputs[1][0]
+    assert ckpt.list_checkpoints(out / "encdiff")[-1].name == ckpt.checkpoint_name(6)
+
+
+@pytest.mark.slow
+def test_compile_path_trains(tmp_path, tiny_data):
+    """perf.compile = default through both stages. Slow on a CPU (Inductor builds C++ kernels:
+    minutes), hence not in CI; the models' tests trace the U-Net as one graph in CI instead."""
+    out = tmp_path / "run"
+    run_train(out, tiny_data, "--vqvae.steps=2", "--encdiff.steps=2", "--run.log_every=1", "--perf.compile=default")
+    assert ckpt.list_checkpoints(out / "encdiff")[-1].name == ckpt.checkpoint_name(2)
