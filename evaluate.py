@@ -4,12 +4,15 @@
     python evaluate.py runs/synth3d/encdiff/ckpt_00100000.safetensors --metrics factor_vae,dci
     python evaluate.py runs/synth3d --data.path /fast/synth3d.h5 --quick --out /tmp/eval
     python evaluate.py runs/synth3d --baseline random                 # also score an untrained encoder
+    python evaluate.py runs/celeba --eval.inception_path=pt_inception-2015-12-05-6726825d.pth   # TAD and FID
 
 The config is the checkpoint's own, then --config files, then --section.key=value overrides (so
 --data.path points it at another copy of the data). The whole dataset is encoded once, in index
-order; the metrics of encdiff.metrics are computed on the codes; a table is printed (with the
-paper's EncDiff numbers for its datasets) and metrics.json is written to --out (default: the
-checkpoint's folder), with PNG pictures when eval.pictures is on.
+order; the metrics of encdiff.metrics are computed on the codes (the factor metrics on a factor grid,
+TAD on CelebA's attributes, none on an imagefolder); with eval.inception_path, the FID of DDIM
+reconstructions (encdiff/fid.py); a table is printed (with the paper's EncDiff numbers for its
+datasets) and metrics.json is written to --out (default: the checkpoint's folder), with PNG
+pictures when eval.pictures is on.
 """
 import argparse
 import json
@@ -22,9 +25,13 @@ import torch
 
 from encdiff.config import split_args
 from encdiff.errors import UserError, exit_on_user_error
-from encdiff.evaluation import (encode_dataset, format_table, load_trained, open_eval_dataset, picture_indices,
-                                picture_settings, random_encoder, save_pictures)
-from encdiff.metrics import compute_all, metric_names
+from encdiff.evaluation import (describe_data, encode_dataset, fid_of_samples, format_table, load_trained,
+                                open_eval_dataset, picture_indices, picture_settings, random_encoder, save_pictures,
+                                score_codes)
+from encdiff.fid import HOW_TO_PROVIDE, load_inception
+from encdiff.metrics import metric_names
+
+FID_SAMPLES, FID_SAMPLES_QUICK = 10000, 64
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -41,6 +48,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="small sample counts and cheap pictures (tests, smoke runs)")
     p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
     p.add_argument("--baseline", choices=["random"], help="also score a freshly initialised (untrained) encoder")
+    p.add_argument("--fid-samples", type=int, help=f"images (and DDIM reconstructions) for FID (default {FID_SAMPLES}, "
+                   f"--quick {FID_SAMPLES_QUICK}); needs eval.inception_path")
     return p.parse_args(rest), files, overrides
 
 
@@ -56,6 +65,8 @@ def writable_dir(path):
 
 def main(argv=None):
     args, files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.fid_samples is not None and args.fid_samples < 2:
+        raise UserError(f"--fid-samples must be at least 2, got {args.fid_samples}")
     requested = metric_names(args.metrics) if args.metrics is not None else None  # a typo fails before any loading
     trained = load_trained(args.path, files, overrides)
     cfg = trained.cfg
@@ -64,11 +75,12 @@ def main(argv=None):
     if trained.device.type == "cuda" and cfg.perf.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # a bad weights file fails here, before any long work
+    inception = load_inception(cfg.eval.inception_path, trained.device) if cfg.eval.inception_path else None
     ds = open_eval_dataset(trained)
     out_dir = writable_dir(Path(args.out) if args.out else trained.path.parent)
     print(f"checkpoint: {trained.path} (step {trained.step}), device {trained.device}")
-    print(f"data: {ds.name} {ds.path}, {len(ds):,} images, factors "
-          + ", ".join(f"{n} {s}" for n, s in zip(ds.factor_names, ds.factor_sizes)))
+    print(describe_data(ds))
     if trained.ignored:
         print(f"note: kept the checkpoint's model config; ignored other values of {', '.join(trained.ignored)}")
     if ds.name != trained.stored.data.name:
@@ -82,18 +94,32 @@ def main(argv=None):
     seconds = time.perf_counter() - t0
     print(f"encoded {len(ds):,} images in {seconds:.1f} s ({len(ds) / seconds:,.0f} images/s)")
 
-    results = compute_all(codes, ds.factor_sizes, names, seed=seed, quick=quick)
+    if ds.factor_sizes is None:
+        scored = "TAD on its attributes" if getattr(ds, "attributes", None) is not None else "no disentanglement metric"
+        ignored = f" (ignored --metrics {args.metrics})" if requested else ""
+        print(f"note: {ds.name} has no factor grid: {scored}{ignored}")
+    results = score_codes(codes, ds, names, seed=seed, quick=quick)
     baseline = None
     if args.baseline == "random":
         floor_codes, _ = encode_dataset(random_encoder(trained, seed), ds, cfg.eval.batch_size, trained.device,
                                         trained.amp, trained.channels_last)
-        baseline = compute_all(floor_codes, ds.factor_sizes, names, seed=seed, quick=quick)
+        baseline = score_codes(floor_codes, ds, names, seed=seed, quick=quick)
+    if inception is not None:
+        n_fid = args.fid_samples or (FID_SAMPLES_QUICK if quick else FID_SAMPLES)
+        steps = picture_settings(cfg.eval, quick)[2]
+        print(f"FID: {min(n_fid, len(ds))} images against their DDIM reconstructions ({steps} steps)")
+        results["fid"] = fid_of_samples(trained, ds, inception, n_fid, steps, seed, cfg.eval.batch_size)
+    else:
+        print(HOW_TO_PROVIDE)
     print(format_table(results, baseline, ds.name))
     if quick:
         print("note: --quick uses small sample counts: the numbers are noisy")
 
+    def listed(values):
+        return None if values is None else list(values)
+
     record = {**results, "data": {"name": ds.name, "path": str(ds.path), "num_images": len(ds),
-                                  "factor_sizes": list(ds.factor_sizes), "factor_names": list(ds.factor_names)},
+                                  "factor_sizes": listed(ds.factor_sizes), "factor_names": listed(ds.factor_names)},
               "step": trained.step, "seed": seed, "quick": quick, "checkpoint": str(trained.path),
               "baseline": None if baseline is None else {"encoder": "random", "seed": seed, **baseline}}
     metrics_path = out_dir / "metrics.json"

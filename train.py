@@ -41,7 +41,7 @@ NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in i
 
 # Keys that define a model's shape: a checkpoint made with other values cannot be loaded.
 MODEL_KEYS = {
-    "vqvae": ("ch", "ch_mult", "enc_res_blocks", "dec_res_blocks", "z_channels", "embed_dim", "n_embed"),
+    "vqvae": ("kind", "ch", "ch_mult", "enc_res_blocks", "dec_res_blocks", "z_channels", "embed_dim", "n_embed"),
     "encdiff": ("num_tokens", "token_dim", "encoder_ch", "model_channels", "channel_mult", "num_res_blocks",
                 "attention_levels", "num_heads", "timesteps", "schedule"),
 }

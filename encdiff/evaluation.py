@@ -6,6 +6,8 @@
     codes, kept = encode_dataset(trained.encoder, ds, 1024, trained.device, trained.amp, keep=keep)
     print(format_table(compute_all(codes, ds.factor_sizes), None, ds.name))
     save_pictures(trained, kept, codes, "out/", quick=True, seed=0)
+    scores = score_codes(codes, ds, None, seed=0, quick=True)   # factor metrics, or TAD for CelebA
+    fid = fid_of_samples(trained, ds, load_inception("pt_inception.pth"), 1000, steps=50, seed=0, batch_size=250)
 
 evaluate.py is the command line around these; they are here so tests and notebooks can reuse them.
 """
@@ -29,7 +31,9 @@ from encdiff.data import open_dataset
 from encdiff.data.formats import FACTORS
 from encdiff.data.synth import GRIDS as SYNTH3D_GRIDS
 from encdiff.errors import UserError
+from encdiff.fid import fid_from_features, inception_features
 from encdiff.images import grid, save_png, to_uint8
+from encdiff.metrics import compute_all, tad
 from encdiff.models.encdiff import build_diffusion, build_encoder, build_unet, build_vq, uint8_to_model
 from encdiff.models.unet import record_cross_attention
 
@@ -41,7 +45,9 @@ PAPER_ENCDIFF = {
     "shapes3d": ("Shapes3D", {("factor_vae", "eval_accuracy"): 0.999, ("dci", "disentanglement"): 0.969}),
     "mpi3d": ("MPI3D", {("factor_vae", "eval_accuracy"): 0.872, ("dci", "disentanglement"): 0.685}),
     "cars3d": ("Cars3D", {("factor_vae", "eval_accuracy"): 0.773, ("dci", "disentanglement"): 0.279}),
+    "celeba": ("CelebA", {("tad", "tad"): 0.638}),  # the paper's TAD table (NashAE's metric)
 }
+TAD_QUICK_SAMPLES = 5000  # --quick scores TAD on this many random rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,12 +217,15 @@ def open_eval_dataset(trained):
 
     The path may point at another copy of the training data; its factor grid must then be the one
     the model was trained on. Naming another dataset (--data.name) is allowed: the metrics only
-    need a complete factor grid in row-major order."""
+    need a complete factor grid in row-major order. Photo datasets (celeba, imagefolder) have no
+    grid: see score_codes."""
     cfg, stored = trained.cfg, trained.stored
     ds = open_dataset(cfg.data.name, cfg.data.path)
     if tuple(ds.images.shape[1:]) != IMAGE_SHAPE:
         raise UserError(f"{cfg.data.path}: images are {'x'.join(map(str, ds.images.shape[1:]))}; the concept encoder needs 64x64x3")
     sizes = ds.factor_sizes
+    if sizes is None:
+        return ds
     if len(ds) != math.prod(sizes):  # GroundTruthDataset checks this too; the metrics depend on it
         raise UserError(f"{cfg.data.path}: {len(ds)} images for a factor grid of {math.prod(sizes)}")
     if len(sizes) < 2 or min(sizes) < 2:  # checked before encoding: the metrics would refuse it after
@@ -254,6 +263,48 @@ def encode_dataset(encoder, ds, batch_size, device, amp=nullcontext(), channels_
     if start != len(ds):
         raise UserError(f"{ds.path}: read {start} images, expected {len(ds)}")
     return codes.cpu().numpy(), kept
+
+
+def describe_data(ds):
+    """One line: name, path, size, and the factor grid or the attributes."""
+    if ds.factor_sizes is not None:
+        labels = "factors " + ", ".join(f"{n} {s}" for n, s in zip(ds.factor_names, ds.factor_sizes))
+    elif getattr(ds, "attributes", None) is not None:
+        labels = f"no factor grid, {len(ds.attribute_names)} attributes"
+    else:
+        labels = "no factor grid, no attributes"
+    return f"data: {ds.name} {ds.path}, {len(ds):,} images, {labels}"
+
+
+def score_codes(codes, ds, metrics=None, seed=0, quick=False):
+    """The scores a dataset supports: the factor metrics (encdiff.metrics.compute_all) on a factor
+    grid; TAD on attribute labels (CelebA); nothing otherwise (imagefolder)."""
+    if ds.factor_sizes is not None:
+        return compute_all(codes, ds.factor_sizes, metrics, seed=seed, quick=quick)
+    if getattr(ds, "attributes", None) is not None:
+        return {"tad": tad(codes, ds.attributes, num_samples=TAD_QUICK_SAMPLES if quick else None, seed=seed)}
+    return {}
+
+
+@torch.no_grad()
+def fid_of_samples(trained, ds, inception, num_samples, steps, seed, batch_size, progress=True):
+    """FID between num_samples dataset images (a seeded random choice) and their DDIM
+    reconstructions: each image's tokens condition a DDIM sample (eta 1) from fresh noise, which
+    the stage-1 decoder turns into an image. -> {"fid", "num_samples", "ddim_steps"}."""
+    rows = np.sort(np.random.RandomState(seed).choice(len(ds), min(num_samples, len(ds)), replace=False))
+    g = torch.Generator(device=trained.device).manual_seed(seed)
+    real, fake = [], []
+    for start in tqdm(range(0, len(rows), batch_size), desc="FID", unit="batch", disable=not progress,
+                      dynamic_ncols=True):
+        batch = torch.from_numpy(ds.images[rows[start:start + batch_size]])  # (b, 64, 64, 3) uint8
+        x = uint8_to_model(batch.to(trained.device))  # (b, 3, 64, 64)
+        with trained.amp:
+            _, tokens = trained.encoder(x)
+        sample = decode_tokens(trained, tokens, steps, eta=1.0, generator=g)
+        real.append(inception_features(inception, x))
+        fake.append(inception_features(inception, sample))
+    return {"fid": fid_from_features(torch.cat(real).numpy(), torch.cat(fake).numpy()), "num_samples": len(rows),
+            "ddim_steps": steps}
 
 
 # ---------------------------------------------------------------------------------------------

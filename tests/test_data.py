@@ -331,6 +331,6 @@ def test_truncated_compressed_npz(tmp_path, monkeypatch):
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(UserError, match="unknown dataset 'celeba': choose one of synth3d, shapes3d"):
-        open_dataset("celeba", "x")
-    assert set(DATASETS) == {"synth3d", "shapes3d", "mpi3d", "cars3d", "dsprites", "h5"}
+    with pytest.raises(UserError, match="unknown dataset 'imagenet': choose one of synth3d, shapes3d"):
+        open_dataset("imagenet", "x")
+    assert set(DATASETS) == {"synth3d", "shapes3d", "mpi3d", "cars3d", "dsprites", "h5", "celeba", "imagefolder"}

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from encdiff.data.dataset import GroundTruthDataset, Images
+from encdiff.data.folders import open_celeba, open_imagefolder
 from encdiff.errors import UserError
 
 # (name, size) of each factor, in the row order of the published files.
@@ -253,11 +254,14 @@ DATASETS = {
     "cars3d": open_cars3d,
     "dsprites": open_dsprites,
     "h5": open_h5,
+    "celeba": open_celeba,  # no factor grid: attributes (encdiff.data.folders)
+    "imagefolder": open_imagefolder,  # no factor grid, no attributes
 }
 
 
 def open_dataset(name, path):
-    """Open a ground-truth dataset by name (one of DATASETS) from a file (a folder for cars3d)."""
+    """Open a dataset by name (one of DATASETS) from a file (a folder for cars3d, celeba, imagefolder).
+    celeba and imagefolder have no factor grid: their factor_sizes is None."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     return DATASETS[name](Path(path))

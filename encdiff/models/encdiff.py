@@ -4,13 +4,21 @@ import torch
 import torch.nn as nn
 
 from encdiff.diffusion import Diffusion
+from encdiff.errors import UserError
 from encdiff.models.encoder import ConceptEncoder
+from encdiff.models.klvae import KLModel
 from encdiff.models.unet import UNet
 from encdiff.models.vqvae import VQModel
 
 
 def build_vq(v):
-    """VQModel from a VQVAEConfig."""
+    """The stage-1 autoencoder of a VQVAEConfig: VQModel (kind "vq") or KLModel (kind "kl")."""
+    if v.kind == "kl":
+        return KLModel(ch=v.ch, ch_mult=tuple(v.ch_mult), enc_res_blocks=v.enc_res_blocks,
+                       dec_res_blocks=v.dec_res_blocks, z_channels=v.z_channels, embed_dim=v.embed_dim,
+                       kl_weight=v.kl_weight)
+    if v.kind != "vq":
+        raise UserError(f"vqvae.kind = {v.kind!r}: choose vq or kl")
     return VQModel(
         ch=v.ch, ch_mult=tuple(v.ch_mult), enc_res_blocks=v.enc_res_blocks, dec_res_blocks=v.dec_res_blocks,
         z_channels=v.z_channels, embed_dim=v.embed_dim, n_embed=v.n_embed, beta=v.beta, ema_codebook=v.ema_codebook,
