@@ -101,7 +101,7 @@ def main(argv=None):
     results = score_codes(codes, ds, names, seed=seed, quick=quick)
     baseline = None
     if args.baseline == "random":
-        floor_codes, _ = encode_dataset(random_encoder(trained, seed), ds, cfg.eval.batch_size, trained.device,
+        floor_codes, _ = encode_dataset(random_encoder(trained, seed, ds), ds, cfg.eval.batch_size, trained.device,
                                         trained.amp, trained.channels_last)
         baseline = score_codes(floor_codes, ds, names, seed=seed, quick=quick)
     if inception is not None:

@@ -403,7 +403,7 @@ def train_vqvae(cfg, d, images, out_dir, stop):
         scaler.update()
         win.add(loss, grad_norm, v.batch_size)
         done = step + 1
-        if d.is_main and (done % r.image_every == 0 or done == v.steps):
+        if d.is_main and (done % r.image_every == 0 or (done == v.steps and r.image_every <= v.steps)):
             with torch.no_grad():
                 save_grid(torch.cat([x[:8], xrec[:8].float()]), stage_dir / f"recon_{done:08d}.png", nrow=8, scale=2)
         if end_of_step(done, v.steps, r, d, win, opt, stage_dir, bar, stop, save):
@@ -440,7 +440,7 @@ def encode_latents(vq, images, d, batch, amp):
     return torch.cat(gathered)[:n]  # (N, C, h, w)
 
 
-def train_encdiff(cfg, d, images, out_dir, stop):
+def train_encdiff(cfg, d, images, out_dir, stop, factor_sizes=None):
     e, r = cfg.encdiff, cfg.run
     stage_dir = out_dir / "encdiff"
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -517,7 +517,8 @@ def train_encdiff(cfg, d, images, out_dir, stop):
         tensors["scale_factor"] = scale.detach().float().cpu().reshape(())
         ckpt.save_checkpoint(stage_dir / ckpt.checkpoint_name(step), tensors, step=step, stage="encdiff",
                              config_toml=to_toml(cfg), extra={"opt_groups": groups, "vq_source": str(vq_path),
-                                                              "scaler": scaler.state_dict()})
+                                                              "scaler": scaler.state_dict(),
+                                                              **({"factor_sizes": list(factor_sizes)} if factor_sizes else {})})
 
     def save(step, final=False):
         if d.is_main:
@@ -549,7 +550,7 @@ def train_encdiff(cfg, d, images, out_dir, stop):
         torch._foreach_lerp_(ema_params, [p.detach().float() for p in src_params], 1 - decay)
         win.add(loss, grad_norm, e.batch_size)
         done = step + 1
-        if d.is_main and (done % r.image_every == 0 or done == e.steps):
+        if d.is_main and (done % r.image_every == 0 or (done == e.steps and r.image_every <= e.steps)):
             save_samples(model, vq, ema, ema_src, x[:8], scale, cfg, stage_dir / f"samples_{done:08d}.png", amp)
         if end_of_step(done, e.steps, r, d, win, opt, stage_dir, bar, stop, save):
             bar.close()
@@ -595,7 +596,7 @@ def main(argv=None):
         (out_dir / "config.toml").write_text(to_toml(cfg))
     if cfg.vqvae.ckpt and not Path(cfg.vqvae.ckpt).is_file():
         raise UserError(f"vqvae.ckpt: file not found: {cfg.vqvae.ckpt}")
-    _, images = open_data(cfg, d)
+    ds, images = open_data(cfg, d)
     dist.print0(f"data: {cfg.data.name} {cfg.data.path}, {len(images):,} images, world size {d.world_size}, device {d.device}")
     for name in ("vqvae", "encdiff"):
         if len(images) < getattr(cfg, name).batch_size:
@@ -606,7 +607,7 @@ def main(argv=None):
     if "vqvae" in cfg.run.stages and not cfg.vqvae.ckpt:
         stopped = train_vqvae(cfg, d, images, out_dir, stop)
     if "encdiff" in cfg.run.stages and not stopped:
-        stopped = train_encdiff(cfg, d, images, out_dir, stop)
+        stopped = train_encdiff(cfg, d, images, out_dir, stop, getattr(ds, "factor_sizes", None))
     dist.print0(f"{'stopped' if stopped else 'done'}: {out_dir}")
     dist.cleanup()
 

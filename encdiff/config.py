@@ -312,7 +312,7 @@ def validate(cfg, sources=None):
         _check(len(sec.betas) == 2 and all(0 <= b < 1 for b in sec.betas), f"{name}.betas", f"must be two numbers in [0, 1); got {sec.betas}")
     _one_of(v.kind, ("vq", "kl"), "vqvae.kind")
     _check(v.kl_weight >= 0, "vqvae.kl_weight", f"must be >= 0; got {v.kl_weight}")
-    _check(v.ch > 0 and v.ch % 32 == 0, "vqvae.ch", f"must be a positive multiple of 32 (GroupNorm(32)); got {v.ch}")
+    _check(v.ch > 0, "vqvae.ch", f"must be positive; got {v.ch}")
     _check(len(v.ch_mult) > 0 and all(m > 0 for m in v.ch_mult), "vqvae.ch_mult", f"must be positive numbers; got {v.ch_mult}")
     for k in ("enc_res_blocks", "dec_res_blocks", "z_channels", "embed_dim", "n_embed"):
         _check(getattr(v, k) > 0, f"vqvae.{k}", f"must be positive; got {getattr(v, k)}")

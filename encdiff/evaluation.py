@@ -182,13 +182,30 @@ def load_trained(path, files=(), overrides=()):
                    scale=float(tensors["scale_factor"]), device=device, amp=autocast_for(cfg.perf.precision, device))
 
 
-def random_encoder(trained, seed):
-    """A freshly initialised (untrained) concept encoder, seeded, in eval mode: the metrics' floor."""
+def random_encoder(trained, seed, ds=None, calibration_images=1024):
+    """A freshly initialised (untrained) concept encoder, seeded, in eval mode: the metrics' floor.
+
+    Its BatchNorm statistics are first measured on `calibration_images` random images of ds (a
+    train-mode pass without gradients). Without that, fresh running statistics (mean 0, var 1)
+    squash every code below FactorVAE's 0.05 std threshold and the floor reads 0 by construction."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = build_encoder(trained.cfg.encdiff)
-    encoder = encoder.to(trained.device).eval().requires_grad_(False)
-    return encoder.to(memory_format=torch.channels_last) if trained.channels_last else encoder
+    encoder = encoder.to(trained.device).requires_grad_(False)
+    if trained.channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    if ds is not None:
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # a plain average over the calibration batches
+        idx = np.sort(np.random.RandomState(seed).choice(len(ds), min(calibration_images, len(ds)), replace=False))
+        encoder.train()
+        with torch.no_grad():
+            for chunk in np.array_split(idx, max(1, len(idx) // 256)):
+                x = uint8_to_model(torch.from_numpy(np.asarray(ds.images[chunk])).to(trained.device), trained.channels_last)
+                encoder(x)
+    return encoder.eval()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from encdiff import checkpoint as ckpt
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [  # a tiny model on a tiny generic-h5 dataset: seconds per run
     "--config", str(ROOT / "config.toml"), "--config", str(ROOT / "configs" / "smoke.toml"),
-    "--vqvae.steps=4", "--encdiff.steps=6", "--run.ckpt_every=3", "--run.log_every=2", "--run.image_every=100",
+    "--vqvae.steps=4", "--encdiff.steps=6", "--run.ckpt_every=3", "--run.log_every=2", "--run.image_every=4",
     "--vqvae.ch_mult=[1,1,2]", "--vqvae.n_embed=32", "--encdiff.model_channels=32", "--encdiff.channel_mult=[1,2]",
     "--encdiff.encoder_ch=16", "--eval.batch_size=32",
 ]
