@@ -587,9 +587,9 @@ def main(argv=None):
     for name in ("vqvae", "encdiff"):
         if getattr(cfg, name).batch_size % d.world_size:
             raise UserError(f"{name}.batch_size = {getattr(cfg, name).batch_size} is not divisible by the world size {d.world_size}")
-    if d.device.type == "cuda" and cfg.perf.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if d.device.type == "cuda":  # set both ways: cuDNN allows TF32 unless told otherwise
+        torch.backends.cuda.matmul.allow_tf32 = cfg.perf.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.perf.tf32
     out_dir = Path(cfg.run.out_dir)
     if d.is_main:
         check_output_dir(out_dir)

@@ -30,12 +30,14 @@ def build_encoder(e):
 
 
 def build_unet(e, latent_channels, attn_backend="auto"):
-    return UNet(
+    unet = UNet(
         in_channels=latent_channels, out_channels=latent_channels, model_channels=e.model_channels,
         channel_mult=tuple(e.channel_mult), num_res_blocks=e.num_res_blocks,
         attention_levels=tuple(e.attention_levels), num_heads=e.num_heads, context_dim=e.token_dim,
         dropout=e.dropout, grad_checkpoint=e.grad_checkpoint, attn_backend=attn_backend,
     )
+    unet.set_attn_backend(attn_backend)
+    return unet
 
 
 def build_diffusion(e):

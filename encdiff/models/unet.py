@@ -226,9 +226,11 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     def set_attn_backend(self, backend):
+        """The attention backend of every layer. "triton" is the short-key kernel: it serves the
+        cross-attention (20 keys), while self-attention (up to 256 keys) stays on "auto"."""
         for m in self.modules():
             if isinstance(m, Attention):
-                m.backend = backend
+                m.backend = "auto" if backend == "triton" and not m.is_cross else backend
 
     def forward(self, x, t, context):
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))

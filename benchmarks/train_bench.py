@@ -1,0 +1,684 @@
+"""Images/s of both training stages under every speed switch, measured against the released choices.
+
+    python benchmarks/train_bench.py                                # default model, batch 128 (CUDA)
+    python benchmarks/train_bench.py --quick --json out.json        # few steps; on the CPU the small model
+    python benchmarks/train_bench.py --batch 512 --stages encdiff --configs baseline,bf16,all
+    python benchmarks/train_bench.py --small --encdiff.model_channels=32     # config overrides, as train.py
+    python benchmarks/train_bench.py --small --skip "compile default,compile max-autotune-no-cudagraphs"
+    torchrun --nproc_per_node=8 benchmarks/train_bench.py --scaling          # images/s per rank, 1 vs 8 ranks
+
+For stage 1 (VQ autoencoder) and stage 2 (concept encoder + latent U-Net) at one per-GPU batch:
+the released choices as the baseline (fp32, eager, math attention, NCHW, gradient checkpointing on,
+latents recomputed by the frozen VQ encoder every step, a DataLoader collating batches from host
+memory), then each speed switch alone, then all of them together. Every configuration builds fresh
+models (random weights and random images of the right shape: speed does not depend on them), runs
+warm-up steps, the first timed alone (time to first step = compile time), then timed steps between
+torch.cuda.synchronize calls (wall time on the CPU), and reads the peak memory (CUDA: allocated by
+torch; CPU: the process's peak RSS during that configuration). A configuration that cannot run (a
+backend missing, a compile failure, out of memory) is a `skipped` row with its reason. The table
+goes to stdout; `--json PATH` gets every number, rewritten after each row so a killed run keeps
+what it measured. `--budget S` skips the rows that would start after S seconds.
+
+The step is train.py's step, written out here with train.py's own helpers (autocast, compile,
+optimiser, fetch, batch order, latent cache) because train.py keeps it inline in its stage loops.
+"""
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import train  # noqa: E402
+from attn_bench import versions  # noqa: E402  (also sets TRITON_INTERPRET without CUDA)
+from encdiff import dist  # noqa: E402
+from encdiff.config import build_config, split_args  # noqa: E402
+from encdiff.errors import UserError, exit_on_user_error  # noqa: E402
+from encdiff.models.encdiff import (EncDiff, build_diffusion, build_encoder, build_unet, build_vq,  # noqa: E402
+                                    count_params, uint8_to_model)
+from encdiff.models.vq_loss import VQLoss  # noqa: E402
+from encdiff.sync_bn import convert_to_global_bn  # noqa: E402
+
+STAGES = ("vqvae", "encdiff")
+STAGE_TITLES = {"vqvae": "stage 1: VQ autoencoder", "encdiff": "stage 2: concept encoder + latent U-Net"}
+
+# The released choices. data.on_device = false means, here, the release's torch DataLoader; tf32 =
+# false turns TF32 off for convolutions too (torch's own default leaves cuDNN's on), so fp32 is fp32.
+BASELINE = {"perf.precision": "fp32", "perf.compile": "off", "perf.attention": "math", "perf.channels_last": False,
+            "encdiff.grad_checkpoint": True, "perf.cache_latents": False, "data.on_device": False,
+            "perf.fused_adam": False, "perf.tf32": False}
+SWITCHES = {  # row name -> what it changes from the baseline
+    "bf16": {"perf.precision": "bf16"},
+    "channels_last": {"perf.channels_last": True},
+    "compile default": {"perf.compile": "default"},
+    "compile max-autotune-no-cudagraphs": {"perf.compile": "max-autotune-no-cudagraphs"},
+    "attention auto": {"perf.attention": "auto"},
+    "attention triton": {"perf.attention": "triton"},
+    "attention sdpa": {"perf.attention": "sdpa"},
+    "attention xformers": {"perf.attention": "xformers"},
+    "fused AdamW": {"perf.fused_adam": True},
+    "TF32": {"perf.tf32": True},
+    "cached latents": {"perf.cache_latents": True},
+    "dataset on device": {"data.on_device": True},
+    "grad checkpointing off": {"encdiff.grad_checkpoint": False},
+}
+# "all": these switches together, less those that cannot run here; the trainer's defaults on CUDA.
+ALL_ON = ("bf16", "channels_last", "compile default", "attention auto", "fused AdamW", "TF32", "cached latents",
+          "dataset on device", "grad checkpointing off")
+ROWS = ("baseline", *SWITCHES, "all")
+# The headline pair first, then the cheap eager rows, so a --budget cuts the compiles.
+RUN_ORDER = ("baseline", "all", *[n for n in SWITCHES if not n.startswith("compile")], "compile default",
+             "compile max-autotune-no-cudagraphs")
+STAGE2_ONLY = {
+    "attention auto": "the VQ autoencoder's one attention block always runs torch SDPA",
+    "attention triton": "the VQ autoencoder's one attention block always runs torch SDPA",
+    "attention sdpa": "the VQ autoencoder's one attention block always runs torch SDPA",
+    "attention xformers": "the VQ autoencoder's one attention block always runs torch SDPA",
+    "cached latents": "stage 2 only",
+    "grad checkpointing off": "stage 2 only (the U-Net's transformer blocks)",
+}
+TARGET_SPEEDUP, TARGET_BATCH = 5.0, 128  # issue 5: stage 2, all switches, batch 128, per GPU
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, like every other user error
+        raise UserError(message)
+
+
+def parse_args(argv):
+    """-> (args, config files, config overrides); `--config FILE` and `--section.key=value` shape the model."""
+    files, overrides, rest = split_args(argv)
+    p = ArgumentParser(prog="train_bench.py", description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, help="per-GPU batch of both stages (default: 128 on CUDA, 8 on the CPU)")
+    p.add_argument("--quick", action="store_true", help="few steps; no max-autotune; on the CPU the small model "
+                   "and no compile")
+    p.add_argument("--small", action="store_true", help="the small model of configs/smoke.toml")
+    p.add_argument("--warmup", type=int, help="warm-up steps, the first timed alone (default 5; --quick 3 on CUDA, "
+                   "2 on the CPU)")
+    p.add_argument("--steps", type=int, help="timed steps (default 20; --quick 10 on CUDA, 3 on the CPU)")
+    p.add_argument("--stages", default="vqvae,encdiff", help="comma-separated: vqvae, encdiff")
+    p.add_argument("--configs", help=f"comma-separated rows to run (default all): {', '.join(ROWS)}")
+    p.add_argument("--skip", default="", help="comma-separated switches not to run, and to leave out of \"all\"")
+    p.add_argument("--workers", type=int, help="DataLoader workers of the baseline (default: 4 on CUDA, 0 on the CPU)")
+    p.add_argument("--budget", type=float, help="seconds: rows that would start later are skipped")
+    p.add_argument("--scaling", action="store_true", help="under torchrun: images/s per rank at 1 and N ranks, "
+                   "with the trainer's [perf] settings")
+    p.add_argument("--json", metavar="PATH", help="write every number to this file")
+    args = p.parse_args(rest)
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in args.stages if s not in STAGES]
+    if bad or not args.stages:
+        raise UserError(f"--stages: unknown stage {bad[0] if bad else '(none)'!r}; choose from {', '.join(STAGES)}")
+    if args.configs is not None:
+        args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+        bad = [c for c in args.configs if c not in ROWS]
+        if bad or not args.configs:
+            raise UserError(f"--configs: unknown row {bad[0] if bad else '(none)'!r}; choose from {', '.join(ROWS)}")
+    args.skip = [c.strip() for c in args.skip.split(",") if c.strip()]
+    bad = [c for c in args.skip if c not in SWITCHES]
+    if bad:
+        raise UserError(f"--skip: {bad[0]!r} is not a switch; choose from {', '.join(SWITCHES)}")
+    for name in ("batch", "warmup", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    return args, files, overrides
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+def as_cli(value):
+    """A value as build_config reads it from the command line."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def small_model_overrides():
+    """The model shape of configs/smoke.toml (its shape keys only): the small model of the CPU tests."""
+    smoke = build_config([ROOT / "configs" / "smoke.toml"])
+    return [(f"{stage}.{key}", as_cli(getattr(getattr(smoke, stage), key)))
+            for stage, keys in train.MODEL_KEYS.items() for key in keys]
+
+
+def make_config(files, overrides, settings=None):
+    """Defaults < files < overrides < this row's settings, validated like train.py's."""
+    rows = [(key, as_cli(value)) for key, value in (settings or {}).items()]
+    return build_config(files, [*overrides, *rows])
+
+
+def row_settings(name, without=()):
+    """The settings of row `name`; "all" is every ALL_ON switch but those in `without`."""
+    if name == "baseline":
+        return dict(BASELINE)
+    if name == "all":
+        return {**BASELINE, **{k: v for s in ALL_ON if s not in without for k, v in SWITCHES[s].items()}}
+    return {**BASELINE, **SWITCHES[name]}
+
+
+def known_skip(name, stage, device, args):
+    """(status, reason) for a row that is not run, or None."""
+    quick = args.quick
+    if stage == "vqvae" and name in STAGE2_ONLY:
+        return "n/a", STAGE2_ONLY[name]
+    if name in args.skip:
+        return "skipped", "--skip"
+    on_cpu = device.type != "cuda"
+    if on_cpu and name in ("fused AdamW", "TF32"):
+        return "skipped", "CUDA only (the trainer ignores it on the CPU)"
+    if on_cpu and name == "attention triton":
+        return "skipped", "the Triton kernel runs on the CPU only through its interpreter (tests, not timing)"
+    if quick and name == "compile max-autotune-no-cudagraphs":
+        return "skipped", "--quick: autotuning takes minutes (run without --quick)"
+    if quick and on_cpu and name == "compile default":
+        return "skipped", "--quick on the CPU: Inductor's C++ build takes minutes (run without --quick)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """(image (64, 64, 3) uint8, index) pairs from a host tensor, one item at a time, as the release reads."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], i
+
+
+class LoaderFeed:
+    """The released data path: a DataLoader collates each batch on the host, then it is copied over."""
+
+    def __init__(self, images, batch, workers, device, channels_last, seed):
+        self.device, self.channels_last = device, channels_last
+        self.loader = torch.utils.data.DataLoader(
+            IndexedImages(images), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(seed))
+        self.batches = iter(self.loader)
+
+    def __call__(self, step):
+        try:
+            x, idx = next(self.batches)
+        except StopIteration:  # next epoch
+            self.batches = iter(self.loader)
+            x, idx = next(self.batches)
+        x = x.to(self.device, non_blocking=True)  # (b, 64, 64, 3) uint8
+        return idx, uint8_to_model(x, self.channels_last)
+
+    def close(self):
+        self.loader = self.batches = None  # the workers shut down with them
+
+
+class ResidentFeed:
+    """train.py's data path: batches gathered by index from the dataset, kept on the GPU when on_device."""
+
+    def __init__(self, images, batch, d, cfg):
+        on_gpu = d.device.type == "cuda" and cfg.data.on_device
+        self.images = images.to(d.device) if on_gpu else images
+        self.batch, self.d, self.cfg = batch, d, cfg
+
+    def __call__(self, step):
+        idx = train.batch_indices(step, len(self.images), self.batch * self.d.world_size, self.d, self.cfg.run.seed)
+        return idx, train.fetch(self.images, idx, self.d.device, self.cfg.perf.channels_last)
+
+    def close(self):
+        self.images = None
+
+
+def make_feed(cfg, d, images, batch, workers):
+    if cfg.data.on_device:
+        return ResidentFeed(images, batch, d, cfg)
+    return LoaderFeed(images, batch, workers, d.device, cfg.perf.channels_last, cfg.run.seed + d.rank)
+
+
+def random_images(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=g)  # (N, 64, 64, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# one training step of each stage, as train.py runs it
+
+
+def wrap(model, d, **ddp_kwargs):
+    if not d.enabled:
+        return model
+    return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **ddp_kwargs)
+
+
+def vqvae_step(cfg, d, images, feed):
+    """-> step(i) for stage 1, as train.train_vqvae runs it: L1 + codebook loss (+ PatchGAN if
+    vqvae.use_gan), Adam, the grad scaler's non-finite check, the on-device log window."""
+    v, p = cfg.vqvae, cfg.perf
+    amp, prec = train.autocast(cfg, d.device)
+    scaler = train.make_scaler(prec, d.device)
+    torch.manual_seed(cfg.run.seed)
+    model = build_vq(v).to(d.device)
+    loss_fn = VQLoss(disc_weight=v.disc_weight, disc_start=v.disc_start, lpips_path=v.lpips_path or None,
+                     use_gan=v.use_gan).to(d.device)
+    if p.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = train.make_optimizer(torch.optim.Adam, model.parameters(), v.lr, v.betas, d.device, p.fused_adam)
+    disc = loss_fn.discriminator if v.use_gan else None
+    opt_d = (train.make_optimizer(torch.optim.Adam, disc.parameters(), v.lr, v.betas, d.device, p.fused_adam)
+             if disc is not None else None)
+    forward = train.compile_model(wrap(model, d), p.compile)
+    params, win = list(model.parameters()), train.Window(d.device)
+
+    def step(i):
+        _, x = feed(i)
+        with amp:
+            xrec, qloss, _ = forward(x)
+        loss, _ = loss_fn.generator_loss(x, xrec.float(), qloss.float(), i, model.last_layer_weight())
+        opt.zero_grad(set_to_none=True)
+        loss = train.scaled_backward(scaler, loss, i)
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        scaler.step(opt)
+        if opt_d is not None:
+            d_loss, _ = loss_fn.discriminator_loss(x, xrec.detach().float(), i)
+            opt_d.zero_grad(set_to_none=True)
+            scaler.scale(d_loss).backward()
+            scaler.step(opt_d)
+        scaler.update()
+        win.add(loss, grad_norm, len(x))
+        return loss.detach()
+
+    return step
+
+
+def encdiff_step(cfg, d, images, feed):
+    """-> step(i) for stage 2, as train.train_encdiff runs it: diffusion loss through encoder +
+    U-Net, AdamW, the grad scaler's non-finite check, EMA, the on-device log window; the frozen VQ
+    (random weights: the same cost) encodes every step unless perf.cache_latents."""
+    e, p = cfg.encdiff, cfg.perf
+    amp, prec = train.autocast(cfg, d.device)
+    scaler = train.make_scaler(prec, d.device)
+    torch.manual_seed(cfg.run.seed)
+    vq = build_vq(cfg.vqvae).to(d.device).eval().requires_grad_(False)
+    model = EncDiff(build_encoder(e), build_unet(e, cfg.vqvae.embed_dim, p.attention), build_diffusion(e),
+                    e.loss).to(d.device)
+    if d.enabled:
+        model.encoder = convert_to_global_bn(model.encoder)
+    if p.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = train.make_optimizer(torch.optim.AdamW, model.parameters(), e.lr, e.betas, d.device, p.fused_adam,
+                               weight_decay=e.weight_decay)
+    ema_src = model if e.ema_all else model.unet
+    src_params = list(ema_src.parameters())
+    ema_params = [q.detach().clone().float() for q in src_params]
+    latents = train.encode_latents(vq, images, d, cfg.eval.batch_size, amp) if p.cache_latents else None
+    forward = train.compile_model(wrap(model, d, static_graph=True, gradient_as_bucket_view=True,
+                                       **train.NO_BUFFER_SYNC), p.compile)
+    noise_gen = torch.Generator(device=d.device).manual_seed(cfg.run.seed)
+    params, win = list(model.parameters()), train.Window(d.device)
+
+    def latents_of(idx, x):
+        if latents is not None:
+            return latents.index_select(0, idx.to(latents.device)).to(d.device)
+        with torch.no_grad(), amp:
+            return vq.encode(x).float()
+
+    idx0, x0 = feed(0)
+    scale = 1.0 / latents_of(idx0, x0).std()  # as train.py: 1/std of the first batch's latents
+
+    def step(i):
+        idx, x = feed(i)
+        z0 = latents_of(idx, x) * scale
+        t = torch.randint(0, e.timesteps, (len(idx),), device=d.device, generator=noise_gen)
+        noise = torch.randn(z0.shape, device=d.device, generator=noise_gen)
+        if p.channels_last:
+            z0, noise = z0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+        with amp:
+            loss = forward(x, z0, t, noise)
+        opt.zero_grad(set_to_none=True)
+        loss = train.scaled_backward(scaler, loss, i)
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        scaler.step(opt)
+        scaler.update()
+        decay = min(e.ema_decay, (1 + i) / (10 + i))
+        torch._foreach_lerp_(ema_params, [q.detach().float() for q in src_params], 1 - decay)
+        win.add(loss, grad_norm, len(idx))
+        return loss.detach()
+
+    return step
+
+
+STEP_BUILDERS = {"vqvae": vqvae_step, "encdiff": encdiff_step}
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def clock(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device):
+    if device.type != "cuda":
+        try:
+            with open("/proc/self/status") as f:
+                line = next(line for line in f if line.startswith("VmHWM:"))
+            return int(line.split()[1]) / 1024
+        except (OSError, StopIteration, ValueError):
+            pass
+    return train.peak_memory_mb(device)
+
+
+@contextmanager
+def tf32(enabled):
+    """TF32 matmuls and convolutions inside the block (what train.py sets for the whole run)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def release_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(cfg, stage, d, images, batch, warmup, steps, workers):
+    """Fresh models for `stage` under cfg; -> {img_s, first_step_s, peak_mb, loss} of this rank."""
+    if "torch._dynamo" in sys.modules:  # imported by the first compile: none before it to forget
+        torch._dynamo.reset()  # no compiled code or recompile limits carried over from the previous row
+    release_memory(d.device)
+    reset_peak_memory(d.device)
+    feed = make_feed(cfg, d, images, batch, workers)
+    try:
+        with tf32(cfg.perf.tf32 and d.device.type == "cuda"):
+            step = STEP_BUILDERS[stage](cfg, d, images, feed)
+            t0 = clock(d.device)
+            loss = step(0)
+            first = clock(d.device) - t0
+            for i in range(1, warmup):
+                step(i)
+            t0 = clock(d.device)
+            for i in range(warmup, warmup + steps):
+                loss = step(i)
+            elapsed = clock(d.device) - t0
+    finally:
+        feed.close()
+    loss = loss.item()
+    if not math.isfinite(loss):
+        raise RuntimeError(f"the loss is {loss}")
+    return {"img_s": steps * batch / elapsed, "first_step_s": first, "peak_mb": peak_memory_mb(d.device), "loss": loss}
+
+
+def first_line(error):
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# the table of switches
+
+
+def plan_rows(selected):
+    return [n for n in RUN_ORDER if selected is None or n in selected]
+
+
+def run_table(args, files, overrides, d, settings, write):
+    """Every selected row of every stage, both stages row by row (so a --budget cuts the same rows
+    of each); `write(rows)` after each one."""
+    rows, t_start = [], time.perf_counter()
+    images = random_images(settings["num_images"], seed=0)
+    done = {stage: {} for stage in args.stages}
+
+    def run_row(stage, name):
+        row = {"stage": stage, "config": name, "status": "ok", "reason": None, "error": False, "img_s": None,
+               "speedup": None, "first_step_s": None, "peak_mb": None, "loss": None}
+        if name == "all":
+            row["without"] = all_without(stage, d.device, args, done[stage])
+        row["settings"] = row_settings(name, row.get("without", ()))
+        skip = known_skip(name, stage, d.device, args)
+        if skip is None and args.budget is not None and time.perf_counter() - t_start > args.budget:
+            skip = ("skipped", f"--budget {args.budget:g} s spent")
+        if skip is not None:
+            row["status"], row["reason"] = skip
+            return row
+        cfg = make_config(files, overrides, row["settings"])
+        t_row = time.perf_counter()
+        try:
+            row.update(measure(cfg, stage, d, images, settings["batch"], settings["warmup"], settings["steps"],
+                               settings["workers"]))
+        except Exception as e:  # a row that cannot run is reported, never ends the run
+            row["status"], row["reason"], row["error"] = "skipped", first_line(e), True
+        row["row_s"] = time.perf_counter() - t_row
+        return row
+
+    def emit(row, replaces=None):
+        done[row["stage"]][row["config"]] = row
+        if replaces is None:
+            rows.append(row)
+        else:
+            rows[rows.index(replaces)] = row
+        print(progress_line(row), flush=True)
+        add_speedups(rows)
+        write(rows)
+
+    for name in plan_rows(args.configs):
+        for stage in args.stages:
+            emit(run_row(stage, name))
+    # "all" failed: once more without the switches that failed alone, if any did
+    for stage in args.stages:
+        failed = done[stage].get("all")
+        if failed is not None and failed["error"] and all_without(stage, d.device, args, done[stage]) != failed["without"]:
+            emit(run_row(stage, "all"), replaces=failed)
+    return rows
+
+
+def all_without(stage, device, args, done):
+    """The ALL_ON switches that "all" leaves out: those known not to run here, and those that failed alone."""
+    def left_out(s):
+        skip = known_skip(s, stage, device, args)
+        return (skip is not None and skip[0] == "skipped") or done.get(s, {}).get("error", False)
+    return [s for s in ALL_ON if left_out(s)]
+
+
+def progress_line(row):
+    if row["status"] != "ok":
+        return f"{row['stage']:>7} | {row['config']:34} | {row['status']}: {row['reason']}"
+    return (f"{row['stage']:>7} | {row['config']:34} | {row['img_s']:9.1f} img/s | first step {row['first_step_s']:7.2f} s"
+            f" | peak {row['peak_mb']:8.0f} MB | loss {row['loss']:.4f}")
+
+
+def add_speedups(rows):
+    base = {r["stage"]: r["img_s"] for r in rows if r["config"] == "baseline" and r["status"] == "ok"}
+    for r in rows:
+        r["speedup"] = r["img_s"] / base[r["stage"]] if r["img_s"] and r["stage"] in base else None
+
+
+def markdown_tables(rows):
+    """One table per stage, rows in the order of ROWS."""
+    out = []
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        out += [f"### {STAGE_TITLES[stage]}", "", "| config | img/s | speedup vs baseline | first-step s | peak MB |",
+                "|---|---:|---:|---:|---:|"]
+        by_name = {r["config"]: r for r in rows if r["stage"] == stage}
+        for name in ROWS:
+            r = by_name.get(name)
+            if r is None:
+                continue
+            label = name
+            if name == "all" and r.get("without"):
+                label += f" (without {', '.join(r['without'])})"
+            if r["status"] != "ok":
+                out.append(f"| {label} | {r['status']}: {r['reason']} | - | - | - |")
+                continue
+            speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+            out.append(f"| {label} | {r['img_s']:.1f} | {speedup} | {r['first_step_s']:.2f} | {r['peak_mb']:.0f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def target_line(rows, batch, device):
+    """Issue 5's target: stage 2 with every switch at least 5x the baseline at batch 128 on a GPU."""
+    r = next((r for r in rows if r["stage"] == "encdiff" and r["config"] == "all"), None)
+    if r is None or not r["speedup"]:
+        return None
+    where = ""
+    if device.type != "cuda" or batch != TARGET_BATCH:
+        where = f" (measured on {device.type} at batch {batch}: not the target's setting)"
+    verdict = "met" if r["speedup"] >= TARGET_SPEEDUP else "NOT met"
+    return (f"target: stage 2, all switches, per-GPU batch {TARGET_BATCH}: {r['speedup']:.2f}x the baseline "
+            f"(want >= {TARGET_SPEEDUP:g}x): {verdict}{where}")
+
+
+# ---------------------------------------------------------------------------------------------
+# scaling under torchrun
+
+
+def run_scaling(args, files, overrides, d, settings):
+    """Images/s per rank with the config's [perf] settings: rank 0 alone (no DDP), then all ranks (DDP)."""
+    cfg = make_config(files, overrides)
+    images = random_images(settings["num_images"], seed=0)
+    alone = dist.Dist(0, 0, 1, d.device)
+    rows = []
+    for stage in args.stages:
+        single = None
+        if d.is_main:
+            single = measure(cfg, stage, alone, images, settings["batch"], settings["warmup"], settings["steps"],
+                             settings["workers"])
+        dist.barrier()  # the other ranks wait while rank 0 runs alone
+        results = [single]
+        if d.enabled:
+            mine = measure(cfg, stage, d, images, settings["batch"], settings["warmup"], settings["steps"],
+                           settings["workers"])
+            results = [None] * d.world_size
+            torch.distributed.all_gather_object(results, mine)
+        if d.is_main:
+            rows.append({"stage": stage, "ranks": 1, "img_s_per_rank": single["img_s"], "img_s_total": single["img_s"],
+                         "efficiency": 1.0, "peak_mb": single["peak_mb"]})
+            if d.enabled:
+                per_rank = [r["img_s"] for r in results]
+                mean = sum(per_rank) / len(per_rank)
+                rows.append({"stage": stage, "ranks": d.world_size, "img_s_per_rank": mean, "img_s_total": sum(per_rank),
+                             "efficiency": mean / single["img_s"], "per_rank": per_rank,
+                             "peak_mb": max(r["peak_mb"] for r in results)})
+    return rows, cfg
+
+
+def scaling_table(rows):
+    out = ["| stage | ranks | img/s per rank | total img/s | scaling efficiency | peak MB |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['stage']} | {r['ranks']} | {r['img_s_per_rank']:.1f} | {r['img_s_total']:.1f} | "
+                   f"{100 * r['efficiency']:.0f}% | {r['peak_mb']:.0f} |")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_settings(args, device):
+    cuda = device.type == "cuda"
+    batch = args.batch or (128 if cuda else 8)
+    warmup = args.warmup or ((3 if cuda else 2) if args.quick else 5)
+    steps = args.steps or ((10 if cuda else 3) if args.quick else 20)
+    workers = args.workers if args.workers is not None else (min(4, (os.cpu_count() or 2) // 2) if cuda else 0)
+    # enough images that an epoch spans several batches, so the DataLoader's epoch turns are in the timing
+    return {"batch": batch, "warmup": warmup, "steps": steps, "workers": workers, "num_images": 16 * batch}
+
+
+def model_sizes(cfg):
+    e = cfg.encdiff
+    return {"vqvae": count_params(build_vq(cfg.vqvae)), "encoder": count_params(build_encoder(e)),
+            "unet": count_params(build_unet(e, cfg.vqvae.embed_dim))}
+
+
+def main(argv=None):
+    args, files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not args.scaling:
+        raise UserError("the table of switches runs in one process; under torchrun use --scaling")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"--json {args.json}: the folder does not exist")
+    probe = make_config(files, overrides)  # config mistakes stop here, before any work
+    d = dist.setup(probe.run.device)
+    small = args.small or (args.quick and d.device.type != "cuda")
+    overrides = [*(small_model_overrides() if small else []), *overrides]
+    settings = run_settings(args, d.device)
+    cfg = make_config(files, overrides)
+    meta = {"device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
+            "cpu_threads": torch.get_num_threads(), **versions(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+            "model": "small (configs/smoke.toml)" if small else "default", "params": model_sizes(cfg),
+            "world_size": d.world_size, **settings}
+    header = (f"device {meta['device']} ({meta['cpu_threads']} CPU threads), torch {meta['torch']}, triton {meta['triton']}, "
+              f"xformers {meta['xformers']}, commit {meta['commit']}, {meta['date']}\n"
+              f"command: {meta['command']}\n"
+              f"model {meta['model']}: VQ {meta['params']['vqvae']:,}, encoder {meta['params']['encoder']:,}, "
+              f"U-Net {meta['params']['unet']:,} parameters; per-GPU batch {settings['batch']}, "
+              f"{settings['warmup']} warm-up + {settings['steps']} timed steps, baseline DataLoader workers {settings['workers']}")
+
+    def write_json(report):
+        if args.json and d.is_main:
+            tmp = Path(f"{args.json}.tmp")
+            tmp.write_text(json.dumps(report, indent=1) + "\n")
+            tmp.replace(args.json)
+
+    if args.scaling:
+        rows, cfg = run_scaling(args, files, overrides, d, settings)
+        if d.is_main:
+            print(header)
+            print(f"[perf] {json.dumps(vars(cfg.perf))}, data.on_device {cfg.data.on_device}")
+            print(scaling_table(rows))
+            write_json({"meta": meta, "perf": vars(cfg.perf), "scaling": rows})
+        dist.cleanup()
+        return 0
+
+    print(header, flush=True)
+    rows = run_table(args, files, overrides, d, settings, lambda rows: write_json({"meta": meta, "rows": rows}))
+    print()
+    print(header)
+    if d.device.type != "cuda":
+        print("CPU: `dataset on device` is train.py's in-memory batch gather (no DataLoader); peak MB is the "
+              "process's peak RSS during the configuration")
+    print(markdown_tables(rows))
+    target = target_line(rows, settings["batch"], d.device)
+    if target:
+        print(target)
+    write_json({"meta": meta, "rows": rows, "target": target})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_user_error(main))
