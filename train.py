@@ -21,7 +21,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -69,7 +68,7 @@ def open_data(cfg, d):
             ensure_synth3d(cfg.data.path, cfg.data.grid)
         dist.barrier()
     ds = open_dataset(cfg.data.name, cfg.data.path)
-    n, h, w, c = (len(ds), *ds.images.shape[1:])
+    h, w, c = ds.images.shape[1:]
     if (h, w, c) != (64, 64, 3):
         raise UserError(f"{cfg.data.path}: images are {h}x{w}x{c}; EncDiff's encoder needs 64x64x3")
     images = torch.from_numpy(load_all(ds, progress=d.is_main))  # (N, 64, 64, 3) uint8

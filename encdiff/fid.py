@@ -17,7 +17,6 @@ variant; a file without it gets the TensorFlow variant); `*.num_batches_tracked`
 file is a .safetensors, or a torch.save'd dict read with torch.load(weights_only=True) (a dict
 holding a "state_dict" dict is unwrapped).
 """
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encdiff.errors import UserError
+from encdiff.weights import read_tensor_file
 
 FEATURES = 2048
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -199,26 +199,7 @@ class InceptionV3(nn.Module):
 
 def read_weights(path):
     """A flat name -> tensor dict from a .safetensors or torch.save file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"eval.inception_path: no such file: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any parse failure is a bad user file
-        reason = (str(e).strip().splitlines() or [""])[0][:160]
-        raise UserError(f"eval.inception_path: cannot read {path} as .safetensors or torch.save weights "
-                        f"({type(e).__name__}: {reason})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    flat = isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
-    if not flat:
-        raise UserError(f"eval.inception_path: {path} is not a name -> tensor dict (key layout: encdiff/fid.py)")
-    return state
+    return read_tensor_file(path, "eval.inception_path", "encdiff/fid.py")
 
 
 def load_inception(path, device="cpu"):

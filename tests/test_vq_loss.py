@@ -252,7 +252,7 @@ def test_lpips_errors(lpips_state, tmp_path):
         LPIPS.from_file(garbage)
 
     nested = tmp_path / "nested.pt"
-    torch.save({"state_dict": dict(lpips_state)}, nested)
+    torch.save({"weights": dict(lpips_state)}, nested)  # a nested dict that is not a state_dict wrapper
     with pytest.raises(UserError, match="nested.pt.*flat"):
         LPIPS.from_file(nested)
 

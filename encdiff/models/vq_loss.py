@@ -33,13 +33,13 @@ Notes for the trainer:
   network is frozen (requires_grad False) and need not be checkpointed.
 """
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from encdiff.errors import UserError
+from encdiff.weights import read_tensor_file
 
 # --------------------------------------------------------------------------------------------
 # PatchGAN discriminator
@@ -174,24 +174,7 @@ class LPIPS(nn.Module):
 
 
 def _read_tensor_file(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"LPIPS weights file {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any parse failure is a bad user file
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"cannot read LPIPS weights file {path} ({type(e).__name__}: {reason})") from None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise UserError(f"LPIPS weights file {path} is not a flat name -> tensor dict ({_LAYOUT_HINT})")
-    return state
+    return read_tensor_file(path, "vqvae.lpips_path", _LAYOUT_HINT)
 
 
 # --------------------------------------------------------------------------------------------
