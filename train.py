@@ -293,6 +293,7 @@ def end_of_step(done, total, r, d, win, opt, stage_dir, bar, stop, save):
     if stopping or done % r.ckpt_every == 0 or done == total:
         save(done, final=stopping or done == total)
     if stopping:
+        bar.close()
         dist.print0(f"\nstopped by {stop.received or 'a signal on another rank'} at step {done}; checkpoint saved. "
                     f"Run the same command to resume.")
     return stopping
@@ -406,7 +407,6 @@ def train_vqvae(cfg, d, images, out_dir, stop):
             with torch.no_grad():
                 save_grid(torch.cat([x[:8], xrec[:8].float()]), stage_dir / f"recon_{done:08d}.png", nrow=8, scale=2)
         if end_of_step(done, v.steps, r, d, win, opt, stage_dir, bar, stop, save):
-            bar.close()
             return True
     bar.close()
     dist.barrier()
@@ -552,7 +552,6 @@ def train_encdiff(cfg, d, images, out_dir, stop, factor_sizes=None):
         if d.is_main and (done % r.image_every == 0 or (done == e.steps and r.image_every <= e.steps)):
             save_samples(model, vq, ema, ema_src, x[:8], scale, cfg, stage_dir / f"samples_{done:08d}.png", amp)
         if end_of_step(done, e.steps, r, d, win, opt, stage_dir, bar, stop, save):
-            bar.close()
             return True
     bar.close()
     dist.barrier()
