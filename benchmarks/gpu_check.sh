@@ -4,24 +4,30 @@
 # (no internet; torch and triton as installed there; xformers only if carried as wheels in .whl/).
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]               # from the repo root; OUT_DIR: $OUT, else ./gpu_check_out
-#   GPU_CHECK_BUDGET=450 benchmarks/gpu_check.sh    # total seconds (default 450); it stops cleanly there
+#   GPU_CHECK_BUDGET=470 benchmarks/gpu_check.sh    # total seconds (default 470); it stops cleanly there
 #   GPU_CHECK_DRY=1 benchmarks/gpu_check.sh /tmp/x  # show each part's commands without running them
 #
-# The parts, in order, each under `timeout` with its own budget, cut to what is left of the total:
-#   env          nvidia-smi, versions, `python -m xformers.info` when present    -> env.txt
+# The parts, in order, each under `timeout` with its own budget, cut to what is left of the total
+# (budgets from a run on an H200, 2026-11-28: see benchmarks/RESULTS.md):
 #   wheels       .whl/*.whl into /tmp/site (pip --no-index), then PYTHONPATH and the CUDA 12 runtime's lib
+#   env          nvidia-smi, versions, `python -m xformers.info` when present    -> env.txt
 #   gpu_tests    pytest -m gpu
 #   attn_bench   benchmarks/attn_bench.py --quick                                -> attn_bench.json
-#   train_bench  benchmarks/train_bench.py --quick, default model, batch 128     -> train_bench.json
+#   train_bench  benchmarks/train_bench.py, default model, batch 128: every eager switch of both
+#                stages (compiled rows left out)                                 -> train_bench.json
+#   train_bench_all  stage 2 baseline and "all" (torch.compile: ~3 min to the first step on an H200)
+#                                                                                -> train_bench_all.json
 #   data         the small grid of the bundled data (python -m encdiff.data.synth --grid small)
-#   train        train.py, the default recipe, few steps, on that data           -> train_*_log.jsonl
+#   train        train.py, the default recipe less torch.compile, 60 + 60 steps, on that data
 #   evaluate     evaluate.py --quick on that run                                 -> metrics.json
 # All output also goes to log.txt; the summary table comes last (and goes to summary.md). At most 8
 # files land in OUT (what a borrowed machine sends back); data, runs and per-part logs stay in
-# $GPU_CHECK_WORK (default /tmp/gpu_check_work). Exit status 0 when every part passed.
+# $GPU_CHECK_WORK (default /tmp/gpu_check_work), the training logs too. Exit status 0 when every
+# part passed.
 #
-# A budget over 450 s stretches every part's share in proportion; a smaller one cuts the last parts.
-# More knobs: PYTHON (default python3); GPU_CHECK_TRAIN_ARGS, GPU_CHECK_BENCH_ARGS (extra arguments
+# A budget over 470 s stretches every part's share in proportion; a smaller one cuts the last parts.
+# More knobs: PYTHON (default python3); GPU_CHECK_WHEELS (the wheels folder, default .whl);
+# GPU_CHECK_TRAIN_ARGS, GPU_CHECK_BENCH_ARGS (extra arguments
 # for train.py and train_bench.py); GPU_CHECK_DRY_SLEEP (seconds each command sleeps in a dry run, to
 # rehearse the time budget); GPU_CHECK_ALLOW_CPU=1 (run the GPU parts without CUDA: a rehearsal of
 # the real commands, e.g. with GPU_CHECK_TRAIN_ARGS="--config configs/smoke.toml --vqvae.steps=4
@@ -29,9 +35,9 @@
 set -uo pipefail
 
 OUT_DIR="${OUT:-${1:-gpu_check_out}}"
-BUDGET="${GPU_CHECK_BUDGET:-450}"
+BUDGET="${GPU_CHECK_BUDGET:-470}"  # under 8 minutes, the grace of a killed part included
 export GPU_CHECK_DRY="${GPU_CHECK_DRY:-0}" GPU_CHECK_DRY_SLEEP="${GPU_CHECK_DRY_SLEEP:-0}"
-export WORK="${GPU_CHECK_WORK:-/tmp/gpu_check_work}" PY="${PYTHON:-python3}"
+export WORK="${GPU_CHECK_WORK:-/tmp/gpu_check_work}" PY="${PYTHON:-python3}" WHEELS="${GPU_CHECK_WHEELS:-.whl}"
 export GPU_CHECK_TRAIN_ARGS="${GPU_CHECK_TRAIN_ARGS:-}" GPU_CHECK_BENCH_ARGS="${GPU_CHECK_BENCH_ARGS:-}" PYTHONUNBUFFERED=1
 GRACE=10     # seconds between timeout's TERM and KILL: train.py saves a checkpoint on TERM
 RESERVE=15   # seconds kept back for the grace and the summary
@@ -48,7 +54,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2  # the repo root
 LOG="$OUT_DIR/log.txt"
 : >"$LOG"
 # no file of an earlier run may pass for this one's
-rm -f "$WORK"/logs/*.log "$OUT_DIR"/{env.txt,summary.md,attn_bench.json,train_bench.json,metrics.json} "$OUT_DIR"/train_*_log.jsonl
+rm -f "$WORK"/logs/*.log "$OUT_DIR"/{env.txt,summary.md,attn_bench.json,train_bench.json,train_bench_all.json,metrics.json}
 
 # ------------------------------------------------------------------------------------------------
 # the parts (each runs in its own bash under timeout; `run` shows a command, and runs it unless dry)
@@ -94,8 +100,8 @@ EOF
 }
 
 part_wheels() {
-  run "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
-    echo "installed: $(for f in .whl/*.whl; do printf '%s ' "${f#.whl/}"; done)"
+  run "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl &&
+    echo "installed: $(for f in "$WHEELS"/*.whl; do printf '%s ' "${f##*/}"; done)"
 }
 
 part_gpu_tests() {
@@ -106,11 +112,21 @@ part_attn_bench() {
   run "$PY" benchmarks/attn_bench.py --quick --json "$OUT_DIR/attn_bench.json"
 }
 
+EAGER_ROWS="baseline,bf16,channels_last,attention auto,attention triton,attention sdpa,attention xformers,fused AdamW,TF32,cached latents,dataset on device,grad checkpointing off"
+export EAGER_ROWS
+
 part_train_bench() {
-  # its own --budget leaves room for the row in flight (a compile takes about a minute)
+  # eager rows only: about 4 s each on an H200; its own --budget leaves room for the row in flight
   # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS holds several arguments on purpose
-  run "$PY" benchmarks/train_bench.py --quick --stages encdiff,vqvae --batch 128 --budget $((PART_BUDGET * 6 / 10)) \
-    --json "$OUT_DIR/train_bench.json" $GPU_CHECK_BENCH_ARGS
+  run "$PY" benchmarks/train_bench.py --quick --stages encdiff,vqvae --batch 128 --warmup 2 --steps 6 \
+    --configs "$EAGER_ROWS" --budget $((PART_BUDGET - 10)) --json "$OUT_DIR/train_bench.json" $GPU_CHECK_BENCH_ARGS
+}
+
+part_train_bench_all() {
+  # the headline row: every switch, torch.compile included (its first step is the compile time)
+  # shellcheck disable=SC2086
+  run "$PY" benchmarks/train_bench.py --quick --stages encdiff --batch 128 --configs "baseline,all" \
+    --json "$OUT_DIR/train_bench_all.json" $GPU_CHECK_BENCH_ARGS
 }
 
 part_data() {
@@ -121,7 +137,8 @@ part_train() {
   run rm -rf "$WORK/run"
   # shellcheck disable=SC2086  # GPU_CHECK_TRAIN_ARGS holds several arguments on purpose
   run "$PY" train.py --config config.toml --data.path="$WORK/synth3d_small.h5" --data.grid=small \
-    --run.out_dir="$WORK/run" --vqvae.steps=100 --encdiff.steps=100 --encdiff.warmup_steps=20 --run.log_every=20 \
+    --run.out_dir="$WORK/run" --vqvae.steps=60 --encdiff.steps=60 --encdiff.warmup_steps=20 --run.log_every=20 \
+    --perf.compile=off \
     $GPU_CHECK_TRAIN_ARGS
 }
 
@@ -130,7 +147,8 @@ part_evaluate() {
     run cp "$WORK/eval/metrics.json" "$OUT_DIR/metrics.json"
 }
 
-export -f run part_env part_wheels part_gpu_tests part_attn_bench part_train_bench part_data part_train part_evaluate
+export -f run part_env part_wheels part_gpu_tests part_attn_bench part_train_bench part_train_bench_all part_data part_train \
+  part_evaluate
 
 # ------------------------------------------------------------------------------------------------
 # running the parts within the budget
@@ -148,7 +166,7 @@ skip() {  # name reason
 }
 
 part() {  # name nominal-seconds: run part_<name> under timeout, within what is left of the budget
-  local name=$1 nominal=$(($2 * (BUDGET > 450 ? BUDGET : 450) / 450))  # a larger budget: every part gets more
+  local name=$1 nominal=$(($2 * (BUDGET > 470 ? BUDGET : 470) / 470))  # a larger budget: every part gets more
   local left=$((BUDGET - (SECONDS - START) - RESERVE))
   local limit=$((nominal < left ? nominal : left))
   if [ "$limit" -lt "$MIN_START" ]; then
@@ -177,10 +195,9 @@ status_of() {
 }
 
 echo "gpu_check: budget $BUDGET s, output $OUT_DIR, work $WORK$([ "$GPU_CHECK_DRY" = 1 ] && echo ', DRY RUN')" | tee -a "$LOG"
-part env 15
-
-if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
-  part wheels 30
+# the wheels first, so that env reports the xformers they bring
+if [ -d "$WHEELS" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+  part wheels 15
   if [ "$(status_of wheels)" = ok ] && [ "$GPU_CHECK_DRY" = 0 ]; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     # an xformers wheel built for CUDA 12 loads its runtime from the nvidia-cuda-runtime-cu12 wheel
@@ -189,24 +206,23 @@ if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
     fi
   fi
 else
-  skip wheels "no .whl/*.whl (xformers is tested only when carried as wheels)"
+  skip wheels "no $WHEELS/*.whl (xformers is tested only when carried as wheels)"
 fi
+part env 20
 
-GPU_PARTS=(gpu_tests attn_bench train_bench data train evaluate)
+GPU_PARTS=(gpu_tests attn_bench train_bench train_bench_all data train evaluate)
 if [ "$GPU_CHECK_DRY" = 0 ] && [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   for name in "${GPU_PARTS[@]}"; do skip "$name" "no CUDA device ($PY: torch.cuda.is_available() is False)"; done
 else
-  part gpu_tests 50
-  part attn_bench 45
-  part train_bench 150
-  part data 15
-  if [ "$(status_of data)" = ok ]; then part train 110; else skip train "no data (the data part did not pass)"; fi
-  for stage in vqvae encdiff; do  # also after a timeout: train.py logs as it goes
-    if [ -f "$WORK/run/$stage/log.jsonl" ]; then cp "$WORK/run/$stage/log.jsonl" "$OUT_DIR/train_${stage}_log.jsonl"; fi
-  done
+  part gpu_tests 55
+  part attn_bench 35
+  part train_bench 75
+  part train_bench_all 185
+  part data 5
+  if [ "$(status_of data)" = ok ]; then part train 40; else skip train "no data (the data part did not pass)"; fi
   # a timed-out train.py still leaves a checkpoint (it saves one on SIGTERM): evaluate that
   if [ "$(status_of train)" = ok ] || compgen -G "$WORK/run/encdiff/ckpt_*.safetensors" >/dev/null; then
-    part evaluate 60
+    part evaluate 35
   else
     skip evaluate "no EncDiff checkpoint (the train part did not get that far)"
   fi
@@ -223,13 +239,14 @@ result_of() {  # one line of what a part found, read from its log and files
     wheels) grep '^installed: ' "$log" | tail -n1 ;;
     gpu_tests) grep -E '[0-9]+ (passed|failed|error|skipped|deselected)|no tests ran' "$log" | tail -n1 ;;
     attn_bench) grep -E '^target |SOME CHECKS FAILED|all checks passed' "$log" | tail -n1 ;;
-    train_bench) grep -E '^target: ' "$log" | tail -n1 ;;
+    train_bench) grep -cE '^ *(encdiff|vqvae) \| .* img/s' "$log" | sed 's/$/ eager rows measured (the tables are in train_bench.json)/' ;;
+    train_bench_all) grep -E '^target: ' "$log" | tail -n1 ;;
     data) grep '^wrote ' "$log" | tail -n1 ;;
-    train) [ -f "$OUT_DIR/train_encdiff_log.jsonl" ] && "$PY" -c '
+    train) [ -f "$WORK/run/encdiff/log.jsonl" ] && "$PY" -c '
 import json, sys
 r = [json.loads(line) for line in open(sys.argv[1]) if line.strip()][-1]
 print("encdiff step {step}: loss {loss:.4f}, {images_per_s:.0f} img/s, peak {peak_mem_mb:.0f} MB".format(**r))' \
-      "$OUT_DIR/train_encdiff_log.jsonl" 2>/dev/null ;;
+      "$WORK/run/encdiff/log.jsonl" 2>/dev/null ;;
     evaluate) [ -f "$OUT_DIR/metrics.json" ] && "$PY" -c '
 import json, sys
 m = json.load(open(sys.argv[1]))
@@ -253,7 +270,7 @@ FAILED=0
 } >"$OUT_DIR/summary.md"
 for i in "${!NAMES[@]}"; do
   case ${STATUS[$i]} in
-    ok | "skipped: no .whl"*) ;;
+    ok | "skipped: no $WHEELS/"*) ;;
     *) FAILED=1 ;;
   esac
 done

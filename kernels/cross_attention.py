@@ -173,8 +173,9 @@ def _check_out(name, out, shape, like):
 
 def _block_sizes(Lq, Lk, d):
     """(BLOCK_M, BLOCK_N, BLOCK_D). tl.dot needs every dimension >= 16, so short key sets and head
-    dim 8 are padded in registers (masked loads read nothing for the padding). BLOCK_M is a
-    provisional guess until benchmarks/attn_bench.py has run on a GPU."""
+    dim 8 are padded in registers (masked loads read nothing for the padding). BLOCK_M and
+    num_warps are untuned: on an H200 the forward ran at 15-22% of copy bandwidth (2026-11-28), and
+    the backward at Lq <= 64 had a near-constant 0.2-0.4 ms cost (benchmarks/RESULTS.md)."""
     BLOCK_N = max(16, triton.next_power_of_2(Lk))
     BLOCK_D = max(16, triton.next_power_of_2(d))
     BLOCK_M = max(16, min(64, triton.next_power_of_2(Lq)))

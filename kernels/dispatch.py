@@ -32,27 +32,28 @@ SDPA_PINS = {
 }
 BACKENDS = ("triton", "xformers", "sdpa", *SDPA_PINS, "math")
 
-# The rule `auto` follows. PROVISIONAL: written from the arithmetic of DESIGN section 6, not yet
-# measured, because no GPU was at hand when it was written. benchmarks/attn_bench.py prints the
-# fastest backend at every U-Net attention site on a GPU; replace these rows with what it measures.
-# Why these rows: with Lk <= 64 (cross-attention to the 20 tokens, self-attention at 8x8 and
-# below) all keys fit one tile and the fused kernel moves only the bytes of q, k, v and o, while
-# general kernels are tiled for long sequences; with longer keys (self-attention at 16x16, 256
-# keys) the flash-style kernels inside sdpa are the right tool. On the CPU the Triton interpreter
-# is for tests only, so it is never picked.
-# Each row: (device type or None for any, max Lk or None for any, backends in order of preference).
-# The first row matching the call is used, and the first of its backends that can run.
+# The rule `auto` follows, from benchmarks/attn_bench.py on an NVIDIA H200 (torch 2.11, triton 3.6,
+# bf16, 2026-11-28; the table is in benchmarks/RESULTS.md). The fused kernel was the fastest at
+# the 16x16 cross-attention (256 queries, 20 keys, head dim 8): 3.8x sdpa forward+backward at batch
+# 128, 4.7x at 1024. At 64 queries and fewer (the 8x8, 4x4 and 2x2 levels, head dim 16-32) its
+# forward was still 2-5x faster, but its backward cost a near-constant 0.2-0.4 ms whatever the
+# batch, so forward+backward ran at 0.2-1.7x sdpa's memory-efficient kernel: training goes to sdpa
+# there until that backward is understood. Self-attention at 16x16 (256 keys) is sdpa's. On the
+# CPU the Triton interpreter is for tests only, so it is never picked.
+# Each row: (device type or None for any, max Lk or None, min Lq or None, backends in order of
+# preference). The first row matching the call is used, and the first of its backends that can run.
 AUTO_RULE = (
-    ("cuda", 64, ("triton", "sdpa")),
-    ("cuda", None, ("sdpa",)),
-    (None, None, ("sdpa", "math")),
+    ("cuda", 64, 256, ("triton", "sdpa")),
+    ("cuda", None, None, ("sdpa",)),
+    (None, None, None, ("sdpa", "math")),
 )
 
 
-def auto_candidates(device_type, num_keys):
-    """The backends `auto` tries, in order, for a call on device_type with num_keys keys."""
-    for device, max_keys, backends in AUTO_RULE:
-        if (device is None or device == device_type) and (max_keys is None or num_keys <= max_keys):
+def auto_candidates(device_type, num_keys, num_queries):
+    """The backends `auto` tries, in order, for a call on device_type with these sequence lengths."""
+    for device, max_keys, min_queries, backends in AUTO_RULE:
+        if ((device is None or device == device_type) and (max_keys is None or num_keys <= max_keys)
+                and (min_queries is None or num_queries >= min_queries)):
             return backends
     return ("math",)
 
@@ -198,7 +199,7 @@ def available_backends(q, k, v, heads):
 
 def choose_backend(q, k, v, heads):
     """The backend `auto` runs for these inputs (see AUTO_RULE)."""
-    for name in auto_candidates(q.device.type, k.shape[1]):
+    for name in auto_candidates(q.device.type, k.shape[1], q.shape[1]):
         if REASONS[name](q, k, v, heads) is None:
             return name
     return "math"

@@ -18,9 +18,9 @@ from encdiff.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "train_bench.py"
 GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GPU_CHECK_WHEELS": "/nonexistent"}  # wheels a developer carries stay out
 TABLE_HEAD = "| config | img/s | speedup vs baseline | first-step s | peak MB |"
-GPU_CHECK_PARTS = ["env", "wheels", "gpu_tests", "attn_bench", "train_bench", "data", "train", "evaluate"]
+GPU_CHECK_PARTS = ["wheels", "env", "gpu_tests", "attn_bench", "train_bench", "train_bench_all", "data", "train", "evaluate"]
 
 
 def load_bench():
@@ -209,8 +209,9 @@ def test_gpu_check_stops_at_its_budget(tmp_path):
     assert r.returncode == 1
     status = summary_rows(r.stdout)
     assert list(status) == GPU_CHECK_PARTS
+    assert status["wheels"].startswith("skipped: no ")  # no wheels folder: nothing to wait for
     assert status["env"] == "TIMEOUT"  # its commands sleep longer than what the budget leaves it
-    assert all(status[p].startswith("skipped") for p in GPU_CHECK_PARTS[1:])
+    assert all(status[p].startswith("skipped") for p in GPU_CHECK_PARTS[2:])
     assert "no time left" in status["gpu_tests"]
 
 
