@@ -2,6 +2,8 @@
 few collectives the trainer needs. Works for `python train.py` (one process, no process group)
 and under torchrun on one or several nodes (NCCL on CUDA, gloo on the CPU)."""
 import os
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +26,28 @@ class Dist:
         return self.world_size > 1
 
 
-def setup(device="auto"):
+INIT_HUNG_EXIT = 3  # exit status of a rank whose init_process_group did not return in time
+
+
+def init_with_watchdog(backend, timeout_s, rank, **kwargs):
+    """init_process_group, but the process exits (status INIT_HUNG_EXIT) if it has not returned
+    within timeout_s. Gloo's connect can wait forever when a peer of an earlier attempt died (its
+    listener side ignores the timeout, pytorch/gloo#520), which left `torchrun --max-restarts` jobs
+    stuck after a SIGKILL; an exit instead is one more restart, which torchrun handles."""
+    done = threading.Event()
+
+    def watchdog():
+        if not done.wait(timeout_s):
+            print(f"rank {rank}: init_process_group did not return within {timeout_s:g} s (run.init_timeout); "
+                  f"exiting so that torchrun can restart the group", file=sys.stderr, flush=True)
+            os._exit(INIT_HUNG_EXIT)
+
+    threading.Thread(target=watchdog, name="init-watchdog", daemon=True).start()
+    dist.init_process_group(backend, **kwargs)
+    done.set()
+
+
+def setup(device="auto", init_timeout=300.0):
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -36,7 +59,7 @@ def setup(device="auto"):
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        init_with_watchdog("nccl" if use_cuda else "gloo", init_timeout, rank, device_id=dev if use_cuda else None)
     return Dist(rank, local_rank, world_size, dev)
 
 
