@@ -331,6 +331,15 @@ def train_vqvae(cfg, d, images, out_dir, stop):
     stage_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(r.seed)  # the same initial weights on every rank and in every run
     model = build_vq(v).to(d.device)
+    if v.kind == "pool":  # fixed: nothing to learn, one checkpoint so that stage 2 finds it as usual
+        if d.is_main and ckpt.latest_good_checkpoint(stage_dir) is None:
+            (stage_dir / "config.toml").write_text(to_toml(cfg))
+            ckpt.save_checkpoint(stage_dir / ckpt.checkpoint_name(v.steps), {}, step=v.steps, stage="vqvae",
+                                 config_toml=to_toml(cfg))
+        dist.print0(f"vqvae: kind 'pool' ({model.downsample}x{model.downsample} average pooling) has nothing to train")
+        dist.barrier()
+        return False
+
     loss_fn = VQLoss(disc_weight=v.disc_weight, disc_start=v.disc_start, lpips_path=v.lpips_path or None, use_gan=v.use_gan).to(d.device)
     if cfg.perf.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -581,7 +590,7 @@ def save_samples(model, vq, ema, ema_src, x, scale, cfg, path, amp):
 
 def main(argv=None):
     cfg = parse_args(sys.argv[1:] if argv is None else argv)  # every config mistake stops here
-    d = dist.setup(cfg.run.device)
+    d = dist.setup(cfg.run.device, cfg.run.init_timeout)
     for name in ("vqvae", "encdiff"):
         if getattr(cfg, name).batch_size % d.world_size:
             raise UserError(f"{name}.batch_size = {getattr(cfg, name).batch_size} is not divisible by the world size {d.world_size}")

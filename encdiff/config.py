@@ -42,6 +42,7 @@ class RunConfig:
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT"])  # checkpoint, then exit 0
     stop_check_every: int = 10  # steps between the ranks' agreement on a stop signal (a host sync)
     max_nonfinite: int = 20  # non-finite steps in a row (skipped) before training stops
+    init_timeout: float = 300.0  # seconds for the ranks to connect; then a rank exits (torchrun can restart)
 
 
 @dataclass
@@ -54,7 +55,7 @@ class DataConfig:
 
 @dataclass
 class VQVAEConfig:
-    kind: str = "vq"  # "vq" (VQ autoencoder, the release) or "kl" (Gaussian-latent KL autoencoder)
+    kind: str = "vq"  # "vq" (VQ autoencoder, the release), "kl" (Gaussian-latent KL autoencoder) or "pool" (fixed, CPU)
     kl_weight: float = 1e-6  # kind = "kl" only
     steps: int = 20000
     batch_size: int = 256  # global, split across ranks
@@ -298,7 +299,7 @@ def validate(cfg, sources=None):
     _one_of(r.device, ("auto", "cuda", "cpu"), "run.device")
     _check(all(sig in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP") for sig in r.stop_signals), "run.stop_signals",
            f"must be among SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP; got {r.stop_signals}")
-    for k in ("stop_check_every", "max_nonfinite"):
+    for k in ("stop_check_every", "max_nonfinite", "init_timeout"):
         _check(getattr(r, k) > 0, f"run.{k}", f"must be positive; got {getattr(r, k)}")
     for k in ("log_every", "ckpt_every", "keep_last", "image_every"):
         _check(getattr(r, k) > 0, f"run.{k}", f"must be positive; got {getattr(r, k)}")
@@ -310,7 +311,8 @@ def validate(cfg, sources=None):
         _check(sec.batch_size > 0, f"{name}.batch_size", f"must be positive; got {sec.batch_size}")
         _check(sec.lr > 0, f"{name}.lr", f"must be positive; got {sec.lr}")
         _check(len(sec.betas) == 2 and all(0 <= b < 1 for b in sec.betas), f"{name}.betas", f"must be two numbers in [0, 1); got {sec.betas}")
-    _one_of(v.kind, ("vq", "kl"), "vqvae.kind")
+    _one_of(v.kind, ("vq", "kl", "pool"), "vqvae.kind")
+    _check(v.kind != "pool" or v.embed_dim == 3, "vqvae.embed_dim", f"must be 3 with kind = 'pool' (the latent is the image); got {v.embed_dim}")
     _check(v.kl_weight >= 0, "vqvae.kl_weight", f"must be >= 0; got {v.kl_weight}")
     _check(v.ch > 0, "vqvae.ch", f"must be positive; got {v.ch}")
     _check(len(v.ch_mult) > 0 and all(m > 0 for m in v.ch_mult), "vqvae.ch_mult", f"must be positive numbers; got {v.ch_mult}")

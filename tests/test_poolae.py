@@ -1,0 +1,56 @@
+"""The fixed stage 1 (vqvae.kind = "pool"): the latent is the image at 1/f resolution, nothing is
+trained, and train.py + evaluate.py run end to end on it."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import evaluate
+from encdiff.config import build_config
+from encdiff.errors import UserError
+from encdiff.models.encdiff import build_vq
+from encdiff.models.poolae import PoolModel
+from test_train import ROOT, run_train, write_tiny_h5
+
+SMOKE = [ROOT / "config.toml", ROOT / "configs" / "smoke.toml"]
+
+
+def test_build_vq_gives_a_parameter_free_pool_model():
+    v = build_config(SMOKE, [("vqvae.kind", "pool"), ("vqvae.ch_mult", "[1, 2, 2]")]).vqvae
+    model = build_vq(v)
+    assert type(model) is PoolModel and model.downsample == 4
+    assert not list(model.parameters()) and not model.state_dict()
+
+
+def test_encode_averages_blocks_and_decode_upsamples():
+    model = PoolModel(ch_mult=(1, 2, 2))
+    blocks = torch.randn(2, 3, 16, 16)
+    x = blocks.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)  # constant 4x4 blocks
+    assert torch.allclose(model.encode(x), blocks, atol=1e-6)
+    rec, extra, _ = model(x)
+    assert rec.shape == x.shape and float(extra) == 0.0
+    flat = torch.full((1, 3, 64, 64), 0.25)
+    assert torch.allclose(model.decode(model.encode(flat)), flat)
+
+
+def test_the_latent_must_have_the_images_channels():
+    with pytest.raises(UserError, match="embed_dim"):
+        PoolModel(embed_dim=4)
+    with pytest.raises(UserError, match="embed_dim"):
+        build_config(SMOKE, [("vqvae.kind", "pool"), ("vqvae.embed_dim", "4")])
+
+
+def test_train_and_evaluate_with_the_pool_stage(tmp_path, capsys):
+    data = tmp_path / "tiny.h5"
+    write_tiny_h5(data)
+    out = tmp_path / "run"
+    run_train(out, data, "--vqvae.kind=pool")
+    vq_files = sorted((out / "vqvae").glob("ckpt_*.safetensors"))
+    assert len(vq_files) == 1 and load_file(str(vq_files[0])) == {}  # nothing trained, nothing stored
+    assert not (out / "vqvae" / "log.jsonl").exists()
+    run_train(out, data, "--vqvae.kind=pool")  # a rerun finds both stages done
+    evaluate.main([str(out), "--metrics", "factor_vae", "--quick", "--out", str(tmp_path / "eval"),
+                   "--eval.pictures=false"])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0.0 <= metrics["factor_vae"]["eval_accuracy"] <= 1.0
