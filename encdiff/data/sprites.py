@@ -11,14 +11,13 @@ a distinct image, and a one-step change of any factor changes the image (tested)
 """
 import argparse
 import colorsys
-import os
-from pathlib import Path
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
-from encdiff.errors import UserError, exit_on_user_error
+from encdiff.data.synth import write_via_temp
+from encdiff.errors import exit_on_user_error
 
 FACTOR_NAMES = ("shape", "hue", "scale", "pos_x", "pos_y")
 SHAPES = ("square", "disc", "triangle")
@@ -68,18 +67,7 @@ def generate(out, progress=True):
 
 
 def write_sprites(path, progress=True):
-    """generate() into a temporary file beside `path`, then rename it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        generate(tmp, progress)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_via_temp(path, lambda tmp: generate(tmp, progress))
 
 
 def main():

@@ -292,21 +292,25 @@ def generate(out, grid="full", progress=True):
                     bar.update(block)
 
 
-def write_synth3d(path, grid="full", progress=True):
-    """generate() into a temporary file beside `path`, then rename it: an interrupted run never
-    leaves a partial file at `path`."""
-    check_grid(grid)
+def write_via_temp(path, write):
+    """write(tmp) into a temporary file beside `path`, then rename it: an interrupted run never
+    leaves a partial file at `path`. Returns the path."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        generate(tmp, grid, progress)
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_synth3d(path, grid="full", progress=True):
+    check_grid(grid)
+    return write_via_temp(path, lambda tmp: generate(tmp, grid, progress))
 
 
 def ensure_synth3d(path, grid="full", progress=True):
