@@ -43,8 +43,25 @@ def init_with_watchdog(backend, timeout_s, rank, **kwargs):
             os._exit(INIT_HUNG_EXIT)
 
     threading.Thread(target=watchdog, name="init-watchdog", daemon=True).start()
+    store = attempt_store()
+    if store is not None:
+        kwargs.update(store=store, rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
     dist.init_process_group(backend, **kwargs)
     done.set()
+
+
+def attempt_store():
+    """Under a single-node torchrun that has restarted the group: the env:// store with a prefix
+    per attempt, else None (plain env://). torchrun keeps one TCPStore for all attempts, so the
+    keys of a killed attempt stay readable; a restarted rank could read its dead peer's gloo address
+    before the new peer overwrote it and fail to connect ("Connection refused" to the old port, seen
+    in 2 of 5 SIGKILL tests). Several nodes restart with different TORCHELASTIC_RESTART_COUNTs (a
+    node that did not fail does not count the restart), so there the count cannot name the attempt."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt in (None, "0") or os.environ.get("GROUP_WORLD_SIZE") != "1":
+        return None
+    store, _, _ = next(dist.rendezvous("env://"))
+    return dist.PrefixStore(f"encdiff/attempt_{attempt}", store)
 
 
 def setup(device="auto", init_timeout=300.0):
