@@ -138,7 +138,7 @@ def test_only_a_single_node_restart_gets_a_store_per_attempt(monkeypatch):
 def test_sigkill_worker_restarts_and_finishes(tmp_path, tiny_data):
     """SIGKILL one of two gloo workers under torchrun --max-restarts: the group restarts and resumes
     from the last checkpoint. torchrun keeps one store for all attempts, and without a prefix per
-    attempt (dist.attempt_store) a restarted rank read its dead peer's gloo address in 3 of 9 runs
+    attempt (dist.attempt_store) a restarted rank read its dead peer's gloo address in 3 of 12 runs
     and the restarts ran out; with it, 11 of 11 runs passed (2026-11-28, 2 cores)."""
     out = tmp_path / "run"
     proc = start(train_cmd(out, tiny_data, *LONG, "--run.init_timeout=30", nproc=2, restarts=1))
