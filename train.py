@@ -325,6 +325,42 @@ def check_disk_space(stage_dir, modules, copies):
 # stage 1: VQ autoencoder
 
 
+def vqvae_update(x, step, forward, model, loss_fn, opt, opt_d, scaler, params, amp):
+    """One stage-1 update on batch x: generator loss, scaled backward, the grad scaler's non-finite
+    skip, then the discriminator's step when the GAN is on. -> (loss, grad norm, reconstruction)."""
+    with amp:
+        xrec, qloss, _ = forward(x)
+    loss, _ = loss_fn.generator_loss(x, xrec.float(), qloss.float(), step, model.last_layer_weight())
+    opt.zero_grad(set_to_none=True)
+    loss = scaled_backward(scaler, loss, step)
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    scaler.step(opt)  # skipped when the gradients are not finite
+    if opt_d is not None:
+        d_loss, _ = loss_fn.discriminator_loss(x, xrec.detach().float(), step)
+        opt_d.zero_grad(set_to_none=True)
+        scaler.scale(d_loss).backward()
+        scaler.step(opt_d)
+    scaler.update()
+    return loss, grad_norm, xrec
+
+
+def encdiff_update(batch, step, forward, opt, scaler, params, ema_params, src_params, ema_decay, amp):
+    """One stage-2 update on batch = (x, z0, t, noise): diffusion loss, scaled backward, the grad
+    scaler's non-finite skip, EMA with warm-up. -> (loss, grad norm)."""
+    with amp:
+        loss = forward(*batch)
+    opt.zero_grad(set_to_none=True)
+    loss = scaled_backward(scaler, loss, step)
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # for the log and the non-finite check
+    scaler.step(opt)  # skipped when the gradients are not finite
+    scaler.update()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(ema_params, [p.detach().float() for p in src_params], 1 - decay)
+    return loss, grad_norm
+
+
 def train_vqvae(cfg, d, images, out_dir, stop):
     v, r = cfg.vqvae, cfg.run
     stage_dir = out_dir / "vqvae"
@@ -396,20 +432,7 @@ def train_vqvae(cfg, d, images, out_dir, stop):
     win = Window(d.device)
     for step in range(start, v.steps):
         x = fetch(images, batch_indices(step, len(images), v.batch_size, d, r.seed), d.device, cfg.perf.channels_last)
-        with amp:
-            xrec, qloss, _ = forward(x)
-        loss, _ = loss_fn.generator_loss(x, xrec.float(), qloss.float(), step, model.last_layer_weight())
-        opt.zero_grad(set_to_none=True)
-        loss = scaled_backward(scaler, loss, step)
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-        scaler.step(opt)  # skipped when the gradients are not finite
-        if opt_d is not None:
-            d_loss, _ = loss_fn.discriminator_loss(x, xrec.detach().float(), step)
-            opt_d.zero_grad(set_to_none=True)
-            scaler.scale(d_loss).backward()
-            scaler.step(opt_d)
-        scaler.update()
+        loss, grad_norm, xrec = vqvae_update(x, step, forward, model, loss_fn, opt, opt_d, scaler, params, amp)
         win.add(loss, grad_norm, v.batch_size)
         done = step + 1
         if d.is_main and (done % r.image_every == 0 or (done == v.steps and r.image_every <= v.steps)):
@@ -546,16 +569,8 @@ def train_encdiff(cfg, d, images, out_dir, stop, factor_sizes=None):
             z0, noise = z0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(step, e.warmup_steps)
-        with amp:
-            loss = forward(x, z0, t, noise)
-        opt.zero_grad(set_to_none=True)
-        loss = scaled_backward(scaler, loss, step)
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # for the log and the non-finite check
-        scaler.step(opt)  # skipped when the gradients are not finite
-        scaler.update()
-        decay = min(e.ema_decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(ema_params, [p.detach().float() for p in src_params], 1 - decay)
+        loss, grad_norm = encdiff_update((x, z0, t, noise), step, forward, opt, scaler, params, ema_params, src_params,
+                                         e.ema_decay, amp)
         win.add(loss, grad_norm, e.batch_size)
         done = step + 1
         if d.is_main and (done % r.image_every == 0 or (done == e.steps and r.image_every <= e.steps)):

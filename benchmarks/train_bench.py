@@ -286,20 +286,7 @@ def vqvae_step(cfg, d, images, feed):
 
     def step(i):
         _, x = feed(i)
-        with amp:
-            xrec, qloss, _ = forward(x)
-        loss, _ = loss_fn.generator_loss(x, xrec.float(), qloss.float(), i, model.last_layer_weight())
-        opt.zero_grad(set_to_none=True)
-        loss = train.scaled_backward(scaler, loss, i)
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-        scaler.step(opt)
-        if opt_d is not None:
-            d_loss, _ = loss_fn.discriminator_loss(x, xrec.detach().float(), i)
-            opt_d.zero_grad(set_to_none=True)
-            scaler.scale(d_loss).backward()
-            scaler.step(opt_d)
-        scaler.update()
+        loss, grad_norm, _ = train.vqvae_update(x, i, forward, model, loss_fn, opt, opt_d, scaler, params, amp)
         win.add(loss, grad_norm, len(x))
         return loss.detach()
 
@@ -348,16 +335,8 @@ def encdiff_step(cfg, d, images, feed):
         noise = torch.randn(z0.shape, device=d.device, generator=noise_gen)
         if p.channels_last:
             z0, noise = z0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
-        with amp:
-            loss = forward(x, z0, t, noise)
-        opt.zero_grad(set_to_none=True)
-        loss = train.scaled_backward(scaler, loss, i)
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-        scaler.step(opt)
-        scaler.update()
-        decay = min(e.ema_decay, (1 + i) / (10 + i))
-        torch._foreach_lerp_(ema_params, [q.detach().float() for q in src_params], 1 - decay)
+        loss, grad_norm = train.encdiff_update((x, z0, t, noise), i, forward, opt, scaler, params, ema_params,
+                                               src_params, e.ema_decay, amp)
         win.add(loss, grad_norm, len(idx))
         return loss.detach()
 

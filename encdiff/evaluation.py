@@ -98,7 +98,7 @@ def with_ema_parameters(module, live, ema):
 
 
 def load_weights(module, state, what, path):
-    if not state and any(True for _ in module.state_dict()):  # a parameter-free module (kind "pool") has none
+    if not state and module.state_dict():  # a parameter-free module (kind "pool") stores nothing
         raise UserError(f"{path}: not an EncDiff checkpoint (no {what}.* tensors)")
     try:
         module.load_state_dict(state)
