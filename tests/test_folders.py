@@ -240,3 +240,14 @@ def test_many_images_decode_in_parallel_in_order_and_once_for_concurrent_readers
         pixels = load_all(ds)[:, 32, 32].astype(int)  # (n, 3)
         assert np.array_equal(pixels[:, 0], np.arange(n) % 256)
         assert np.array_equal(pixels[:, 1], np.arange(n) // 256 * 100)
+
+
+def test_concurrent_readers_in_one_process_all_see_a_writable_cache_folder(tmp_path):
+    """The write probe is unique per call: threads of one process (one pid) used to delete each
+    other's probe, and the loser then decoded a second copy into the user cache (a CI flake)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: folders.writable(tmp_path), range(2000)))
+    assert all(answers)
+    assert list(tmp_path.iterdir()) == []  # no probe left behind

@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -127,9 +128,9 @@ def file_signature(folder, names, extra):
 def writable(folder):
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # a unique probe name: two readers in one process (threads) must not delete each other's probe
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+            pass
         return True
     except OSError:
         return False
