@@ -100,6 +100,7 @@ class EncDiffConfig:
     timesteps: int = 1000
     schedule: str = "cosine"  # "cosine" (paper) or "linear" (release)
     loss: str = "l2"  # "l2" (paper) or "l1" (release)
+    prediction: str = "eps"  # what the U-Net predicts: "eps" (paper, release), "v" or "x0" (encdiff/diffusion.py)
     grad_checkpoint: bool = False
 
 
@@ -334,6 +335,7 @@ def validate(cfg, sources=None):
     _check(0 <= e.dropout < 1, "encdiff.dropout", f"must be in [0, 1); got {e.dropout}")
     _one_of(e.schedule, ("cosine", "linear"), "encdiff.schedule")
     _one_of(e.loss, ("l1", "l2"), "encdiff.loss")
+    _one_of(e.prediction, ("eps", "v", "x0"), "encdiff.prediction")
     _one_of(p.precision, PRECISIONS, "perf.precision")
     _one_of(p.compile, COMPILE_MODES, "perf.compile")
     _one_of(p.attention, ATTENTION_BACKENDS, "perf.attention")

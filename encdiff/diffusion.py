@@ -1,4 +1,4 @@
-"""Gaussian diffusion for stage 2: noise schedules, the epsilon-prediction loss, the DDIM sampler.
+"""Gaussian diffusion for stage 2: noise schedules, the prediction targets and loss, the DDIM sampler.
 
     diffusion = Diffusion(schedule="cosine", loss="l2").to(device)
     loss = diffusion.loss(lambda x, t: unet(x, t, tokens), z0)
@@ -17,6 +17,11 @@ from encdiff.errors import UserError
 
 SCHEDULES = ("linear", "cosine")
 LOSSES = ("l1", "l2")
+# What the U-Net predicts. "eps" is the paper's and the release's. "v" (Salimans & Ho, 2022,
+# v = sqrt(ab) eps - sqrt(1 - ab) x0) weights an x0 error by SNR + 1 instead of eps's SNR: the
+# low-SNR steps, where only the tokens can say where and what the object is, count for more.
+# "x0" weights every step's x0 error by 1.
+PREDICTIONS = ("eps", "v", "x0")
 
 
 def linear_betas(T, start, end):
@@ -38,20 +43,22 @@ def gather(buffer, t, ndim):
 
 
 class Diffusion(nn.Module):
-    """Epsilon-prediction diffusion with T steps; model_fn(x_t, t) -> predicted noise."""
+    """Diffusion with T steps; model_fn(x_t, t) -> the prediction (noise, v or x0)."""
 
     def __init__(self, timesteps=1000, schedule="cosine", loss="l2", linear_start=0.0015,
-                 linear_end=0.0155, cosine_s=8e-3):
+                 linear_end=0.0155, cosine_s=8e-3, prediction="eps"):
         super().__init__()
         if schedule not in SCHEDULES:
             raise UserError(f"diffusion.schedule={schedule!r} must be one of {SCHEDULES}")
         if loss not in LOSSES:
             raise UserError(f"diffusion.loss={loss!r} must be one of {LOSSES}")
+        if prediction not in PREDICTIONS:
+            raise UserError(f"diffusion.prediction={prediction!r} must be one of {PREDICTIONS}")
         if timesteps < 1:
             raise UserError(f"diffusion.timesteps={timesteps} must be >= 1")
         if schedule == "linear" and not 0 < linear_start < linear_end < 1:
             raise UserError(f"diffusion: need 0 < linear_start ({linear_start}) < linear_end ({linear_end}) < 1")
-        self.timesteps, self.schedule, self.loss_type = timesteps, schedule, loss
+        self.timesteps, self.schedule, self.loss_type, self.prediction = timesteps, schedule, loss, prediction
         if schedule == "linear":
             betas = linear_betas(timesteps, linear_start, linear_end)
         else:
@@ -68,8 +75,25 @@ class Diffusion(nn.Module):
         return (gather(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
                 + gather(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
 
+    def target(self, x0, t, noise):
+        """What model_fn should output at x_t = q_sample(x0, t, noise)."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        return (gather(self.sqrt_alphas_cumprod, t, x0.ndim) * noise
+                - gather(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+
+    def to_x0_eps(self, x_t, a, out):
+        """(x0, eps) implied by the prediction `out` at x_t, where alpha_bar = a (a scalar tensor)."""
+        if self.prediction == "eps":
+            return (x_t - (1 - a).sqrt() * out) / a.sqrt(), out
+        if self.prediction == "x0":
+            return out, (x_t - a.sqrt() * out) / (1 - a).sqrt()
+        return a.sqrt() * x_t - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * x_t
+
     def loss(self, model_fn, x0, context=None, generator=None, t=None, noise=None):
-        """Mean L1 or L2 between the noise and model_fn's prediction, t uniform in [0, T).
+        """Mean L1 or L2 between the target (noise, v or x0) and model_fn's prediction, t uniform in [0, T).
 
         model_fn(x_t, t) or, when context is given, model_fn(x_t, t, context). t and noise may be
         passed in (e.g. drawn outside a compiled region); otherwise they are drawn here.
@@ -79,8 +103,8 @@ class Diffusion(nn.Module):
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.q_sample(x0, t, noise)
-        eps = model_fn(x_t, t) if context is None else model_fn(x_t, t, context)
-        err = eps.float() - noise.float()
+        out = model_fn(x_t, t) if context is None else model_fn(x_t, t, context)
+        err = out.float() - self.target(x0, t, noise).float()
         return err.abs().mean() if self.loss_type == "l1" else err.square().mean()
 
     def ddim_timesteps(self, steps):
@@ -108,8 +132,8 @@ class Diffusion(nn.Module):
         x = x_T.float() if x_T is not None else torch.randn(shape, device=device, generator=generator)
         for i in tqdm(reversed(range(steps)), total=steps, disable=not progress, desc="ddim"):
             t = ts[i].expand(shape[0])  # (B,)
-            eps = (model_fn(x, t) if context is None else model_fn(x, t, context)).float()
-            x0 = (x - (1 - a[i]).sqrt() * eps) / a[i].sqrt()
+            out = (model_fn(x, t) if context is None else model_fn(x, t, context)).float()
+            x0, eps = self.to_x0_eps(x, a[i], out)
             x = a_prev[i].sqrt() * x0 + (1 - a_prev[i] - sigma[i] ** 2).clamp(min=0).sqrt() * eps
             if eta > 0 and i > 0:  # sigma is 0 at the last step anyway
                 x = x + sigma[i] * torch.randn(shape, device=device, generator=generator)

@@ -84,16 +84,12 @@ def test_loss_draws_uniform_t():
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_with_oracle_recovers_x0(schedule, eta):
-    d = Diffusion(schedule=schedule)
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_ddim_with_oracle_recovers_x0(schedule, eta, prediction):
+    d = Diffusion(schedule=schedule, prediction=prediction)
     x0 = torch.randn(4, 3, 8, 8).clamp(-2, 2)
-
-    def oracle(x_t, t, ctx):
-        ab = d.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
-
     g = torch.Generator().manual_seed(0)
-    out = d.ddim_sample(oracle, x0.shape, context=object(), steps=50, eta=eta, generator=g)
+    out = d.ddim_sample(oracle_for(d, x0), x0.shape, context=object(), steps=50, eta=eta, generator=g)
     torch.testing.assert_close(out, x0, atol=1e-3, rtol=1e-3)
 
 
@@ -126,7 +122,57 @@ def test_loss_traces_without_graph_breaks():
     assert torch.isfinite(step(x0)) and torch.isfinite(step(x0 + 1))
 
 
+def oracle_for(d, x0):
+    """The exact prediction (d.prediction) of a model that knows x0."""
+    def oracle(x_t, t, ctx=None):
+        ab = d.alphas_cumprod[t].view(-1, 1, 1, 1).double()
+        eps = (x_t.double() - ab.sqrt() * x0.double()) / (1 - ab).sqrt()
+        out = {"eps": eps, "x0": x0.double(), "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0.double()}[d.prediction]
+        return out.float()
+    return oracle
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_each_prediction_target_is_what_a_model_knowing_x0_outputs(prediction):
+    d = Diffusion(schedule="cosine", prediction=prediction)
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(256, 3, 4, 4, generator=g)
+    t = torch.randint(0, 1000, (256,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    x_t = d.q_sample(x0, t, noise)
+    # against float64 formulas, written independently of Diffusion.target
+    ab = d.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    expected = {"eps": noise.double(), "x0": x0.double(),
+                "v": ab.sqrt() * noise.double() - (1 - ab).sqrt() * x0.double()}[prediction]
+    torch.testing.assert_close(d.target(x0, t, noise).double(), expected, atol=1e-5, rtol=1e-5)
+    assert d.loss(oracle_for(d, x0), x0, t=t, noise=noise).item() < 1e-6
+    # to_x0_eps inverts the prediction at every step (away from t = T-1, where alpha_bar ~ 0 makes eps->x0 ill-posed)
+    for step in (0, 100, 500, 900):
+        a = d.alphas_cumprod[step]
+        tt = torch.full((256,), step)
+        got_x0, got_eps = d.to_x0_eps(d.q_sample(x0, tt, noise), a, d.target(x0, tt, noise))
+        torch.testing.assert_close(got_x0, x0, atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(got_eps, noise, atol=2e-3, rtol=1e-3)
+
+
+def test_v_loss_weights_low_snr_steps_more_than_eps_loss():
+    """The same x0 error costs eps-prediction SNR x err and v-prediction (SNR + 1) x err."""
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(64, 3, 4, 4, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    wrong_x0 = x0 + 0.5  # every model below is off by 0.5 in x0
+    t = torch.full((64,), 950)  # low SNR
+    costs = {}
+    for prediction in ("eps", "v"):
+        d = Diffusion(prediction=prediction)
+        costs[prediction] = d.loss(oracle_for(d, wrong_x0), x0, t=t, noise=noise).item()
+    snr = (d.alphas_cumprod[950] / (1 - d.alphas_cumprod[950])).item()
+    assert costs["eps"] == pytest.approx(0.25 * snr, rel=1e-3)
+    assert costs["v"] == pytest.approx(0.25 * (snr + 1), rel=1e-3)
+
+
 @pytest.mark.parametrize("kwargs", [dict(schedule="quadratic"), dict(loss="huber"), dict(timesteps=0),
+                                    dict(prediction="score"),
                                     dict(schedule="linear", linear_start=0.02, linear_end=0.01)])
 def test_bad_config_raises_user_error(kwargs):
     with pytest.raises(UserError):
@@ -136,3 +182,27 @@ def test_bad_config_raises_user_error(kwargs):
 def test_bad_ddim_steps_raises_user_error():
     with pytest.raises(UserError):
         Diffusion(timesteps=100).ddim_sample(lambda x, t: x, (1, 1), steps=200)
+
+
+@pytest.mark.parametrize("prediction,loss", [("eps", "l1"), ("v", "l2"), ("x0", "l2")])
+def test_the_training_step_regresses_the_configured_target(prediction, loss):
+    """EncDiff.forward (the step train.py runs) and Diffusion.loss agree for every prediction."""
+    from encdiff.config import EncDiffConfig
+    from encdiff.models.encdiff import EncDiff, build_diffusion, build_encoder, build_unet
+
+    e = EncDiffConfig(encoder_ch=8, model_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
+                      num_heads=2, num_tokens=4, token_dim=8, prediction=prediction, loss=loss)
+    torch.manual_seed(0)
+    model = EncDiff(build_encoder(e), build_unet(e, 3, "math"), build_diffusion(e), e.loss).eval()
+    assert model.diffusion.prediction == prediction
+    g = torch.Generator().manual_seed(7)
+    images = torch.rand(4, 3, 64, 64, generator=g) * 2 - 1
+    z0 = torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    _, tokens = model.encoder(images)
+    expected = model.diffusion.loss(model.unet, z0, tokens, t=t, noise=noise)
+    torch.testing.assert_close(model(images, z0, t, noise), expected)
+    # and the U-Net's output head starts at zero: the first loss is the target's own mean size
+    if prediction == "eps" and loss == "l1":
+        assert expected.item() == pytest.approx(noise.abs().mean().item(), rel=1e-5)

@@ -45,7 +45,7 @@ def build_unet(e, latent_channels, attn_backend="auto"):
 
 
 def build_diffusion(e):
-    return Diffusion(timesteps=e.timesteps, schedule=e.schedule, loss=e.loss)
+    return Diffusion(timesteps=e.timesteps, schedule=e.schedule, loss=e.loss, prediction=e.prediction)
 
 
 class EncDiff(nn.Module):
@@ -61,8 +61,8 @@ class EncDiff(nn.Module):
     def forward(self, images, z0, t, noise):
         _, tokens = self.encoder(images)  # (B, num_tokens, token_dim)
         zt = self.diffusion.q_sample(z0, t, noise)
-        eps = self.unet(zt, t, tokens)
-        err = eps.float() - noise.float()
+        out = self.unet(zt, t, tokens)  # noise, v or x0 (diffusion.prediction)
+        err = out.float() - self.diffusion.target(z0, t, noise).float()
         return err.abs().mean() if self.loss_kind == "l1" else (err * err).mean()
 
 
