@@ -42,14 +42,18 @@ def test_the_latent_must_have_the_images_channels():
 
 
 def test_train_and_evaluate_with_the_pool_stage(tmp_path, capsys):
+    """The CPU preset's combination: pool stage + x0 prediction, through train and evaluate."""
+    from encdiff.evaluation import load_trained
+
     data = tmp_path / "tiny.h5"
     write_tiny_h5(data)
     out = tmp_path / "run"
-    run_train(out, data, "--vqvae.kind=pool")
+    run_train(out, data, "--vqvae.kind=pool", "--encdiff.prediction=x0")
     vq_files = sorted((out / "vqvae").glob("ckpt_*.safetensors"))
     assert len(vq_files) == 1 and load_file(str(vq_files[0])) == {}  # nothing trained, nothing stored
     assert not (out / "vqvae" / "log.jsonl").exists()
-    run_train(out, data, "--vqvae.kind=pool")  # a rerun finds both stages done
+    run_train(out, data, "--vqvae.kind=pool", "--encdiff.prediction=x0")  # a rerun finds both stages done
+    assert load_trained(out).diffusion.prediction == "x0"  # read back from the checkpoint's config
     evaluate.main([str(out), "--metrics", "factor_vae", "--quick", "--out", str(tmp_path / "eval"),
                    "--eval.pictures=false"])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
