@@ -225,3 +225,30 @@ def test_gpu_check_without_cuda_skips_the_gpu_parts(tmp_path):
     assert all(status[p].startswith("skipped: no CUDA device") for p in GPU_CHECK_PARTS[2:])
     env = (out / "env.txt").read_text()
     assert f"torch {torch.__version__}" in env and "env: no CUDA device" in env
+
+
+def load_nmi_module():
+    spec = importlib.util.spec_from_file_location("code_factor_nmi", ROOT / "benchmarks" / "code_factor_nmi.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_code_factor_nmi_finds_which_code_carries_which_factor():
+    import numpy as np
+
+    nmi_mod = load_nmi_module()
+    sizes = (4, 6)
+    rng = np.random.default_rng(0)
+    factors = np.stack(np.unravel_index(np.arange(4 * 6), sizes), 1).repeat(40, 0)  # (960, 2): the grid, 40 each
+    codes = np.stack([factors[:, 1] * 2.0 + 0.01 * rng.standard_normal(len(factors)),  # code 0 = factor 1
+                      rng.standard_normal(len(factors)),  # code 1: noise
+                      -3.0 * factors[:, 0] + factors[:, 1] * 0.0], 1)  # code 2 = factor 0
+    nmi = nmi_mod.code_factor_nmi(codes, factors, sizes, bins=20)
+    assert nmi.shape == (3, 2)
+    assert nmi[0, 1] > 0.99 and nmi[2, 0] > 0.99
+    assert nmi[0, 0] < 0.02 and nmi[2, 1] < 0.02 and nmi[1].max() < 0.1
+    table = nmi_mod.format_table(nmi, ["a", "b"], codes.std(0))
+    assert table.splitlines()[-1].split()[1:] == ["1.00", "1.00"]
+    with pytest.raises(UserError):
+        nmi_mod.code_factor_nmi(codes, factors[:, :1], sizes)
