@@ -243,7 +243,7 @@ def test_code_factor_nmi_finds_which_code_carries_which_factor():
     factors = np.stack(np.unravel_index(np.arange(4 * 6), sizes), 1).repeat(40, 0)  # (960, 2): the grid, 40 each
     codes = np.stack([factors[:, 1] * 2.0 + 0.01 * rng.standard_normal(len(factors)),  # code 0 = factor 1
                       rng.standard_normal(len(factors)),  # code 1: noise
-                      -3.0 * factors[:, 0] + factors[:, 1] * 0.0], 1)  # code 2 = factor 0
+                      -3.0 * factors[:, 0]], 1)  # code 2 = factor 0
     nmi = nmi_mod.code_factor_nmi(codes, factors, sizes, bins=20)
     assert nmi.shape == (3, 2)
     assert nmi[0, 1] > 0.99 and nmi[2, 0] > 0.99
