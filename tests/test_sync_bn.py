@@ -23,7 +23,10 @@ def _worker(rank, world, port, x, w_out, q):
     shard = x.chunk(world)[rank].clone().requires_grad_(True)
     y = bn(shard)
     (y * w_out.chunk(world)[rank]).sum().backward()
-    q.put((rank, y.detach(), shard.grad, bn[0].weight.grad, bn[0].running_mean, bn[0].running_var))
+    # numpy arrays travel by value; torch tensors would travel as shared-memory file descriptors
+    # that the parent can only collect while this process is still alive (it may have exited)
+    tensors = (y.detach(), shard.grad, bn[0].weight.grad, bn[0].running_mean, bn[0].running_var)
+    q.put((rank, *(t.numpy().copy() for t in tensors)))
     dist.destroy_process_group()
 
 
@@ -41,7 +44,8 @@ def test_two_ranks_match_one_batchnorm_over_the_global_batch():
     procs = [ctx.Process(target=_worker, args=(r, 2, port, x, w_out, q)) for r in range(2)]
     for p in procs:
         p.start()
-    out = sorted(q.get(timeout=120) for _ in range(2))
+    out = sorted((q.get(timeout=120) for _ in range(2)), key=lambda o: o[0])
+    out = [(r, *map(torch.from_numpy, arrays)) for r, *arrays in out]
     for p in procs:
         p.join(timeout=60)
     y = torch.cat([o[1] for o in out])
