@@ -3,7 +3,7 @@
 # Everything the project claims about a GPU, measured in one shot on a borrowed H100/H200 machine
 # (no internet; torch and triton as installed there; xformers only if carried as wheels in .whl/).
 #
-#   benchmarks/gpu_check.sh [OUT_DIR]               # from the repo root; OUT_DIR: $OUT, else ./gpu_check_out
+#   benchmarks/gpu_check.sh [OUT_DIR]               # from the repo root; OUT_DIR, else $OUT, else ./gpu_check_out
 #   GPU_CHECK_BUDGET=470 benchmarks/gpu_check.sh    # total seconds (default 470); it stops cleanly there
 #   GPU_CHECK_DRY=1 benchmarks/gpu_check.sh /tmp/x  # show each part's commands without running them
 #
@@ -34,7 +34,7 @@
 # --encdiff.steps=4" and GPU_CHECK_BENCH_ARGS="--batch 4 --steps 1 --warmup 1").
 set -uo pipefail
 
-OUT_DIR="${OUT:-${1:-gpu_check_out}}"
+OUT_DIR="${1:-${OUT:-gpu_check_out}}"  # a folder given wins over the environment
 BUDGET="${GPU_CHECK_BUDGET:-470}"  # under 8 minutes, the grace of a killed part included
 export GPU_CHECK_DRY="${GPU_CHECK_DRY:-0}" GPU_CHECK_DRY_SLEEP="${GPU_CHECK_DRY_SLEEP:-0}"
 export WORK="${GPU_CHECK_WORK:-/tmp/gpu_check_work}" PY="${PYTHON:-python3}" WHEELS="${GPU_CHECK_WHEELS:-.whl}"

@@ -18,7 +18,10 @@ from encdiff.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "train_bench.py"
 GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GPU_CHECK_WHEELS": "/nonexistent"}  # wheels a developer carries stay out
+# wheels a developer carries stay out; an exported OUT (the device runner's) or PYTHON must not
+# redirect the script's output or interpreter
+ENV = {**{k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHON")},
+       "OMP_NUM_THREADS": "1", "GPU_CHECK_WHEELS": "/nonexistent", "PYTHON": sys.executable}
 TABLE_HEAD = "| config | img/s | speedup vs baseline | first-step s | peak MB |"
 GPU_CHECK_PARTS = ["wheels", "env", "gpu_tests", "attn_bench", "train_bench", "train_bench_all", "data", "train", "evaluate"]
 
@@ -127,10 +130,10 @@ def test_train_bench_all_is_rerun_without_a_switch_that_fails(bench, monkeypatch
 
 def test_train_bench_budget_skips_the_rows_that_would_start_late(bench, monkeypatch):
     def measure(*args):
-        time.sleep(0.05)
+        time.sleep(1.0)  # twice the budget: the first row starts in time even on a loaded machine
         return {"img_s": 1.0, "first_step_s": 0.1, "peak_mb": 1.0, "loss": 0.5}
 
-    rows = fake_table(bench, monkeypatch, measure, ["--stages", "encdiff", "--budget", "0.01",
+    rows = fake_table(bench, monkeypatch, measure, ["--stages", "encdiff", "--budget", "0.5",
                                                     "--configs", "baseline,all,bf16"])
     assert [(r["config"], r["status"]) for r in rows] == [("baseline", "ok"), ("all", "skipped"), ("bf16", "skipped")]
     assert all("--budget" in r["reason"] for r in rows[1:])
@@ -218,7 +221,7 @@ def test_gpu_check_stops_at_its_budget(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 def test_gpu_check_without_cuda_skips_the_gpu_parts(tmp_path):
     out = tmp_path / "out"
-    r, _ = gpu_check(out)
+    r, _ = gpu_check(out, GPU_CHECK_BUDGET="1410")  # env gets 60 s: importing torch on a loaded machine
     assert r.returncode == 1
     status = summary_rows(r.stdout)
     assert status["env"] == "ok"

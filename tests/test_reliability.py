@@ -32,9 +32,31 @@ def train_cmd(out_dir, data, *extra, nproc=1, restarts=0):
             f"--max-restarts={restarts}", str(ROOT / "train.py"), *args]
 
 
+_started = []
+
+
 def start(cmd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    _started.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def stop_what_a_failed_test_left_running():
+    """A test that fails while its training runs must not leave it training (torchrun's workers
+    live in their own sessions) and take the cores from the tests after it. SIGTERM: torchrun
+    passes it on, train.py checkpoints and exits."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
 
 
 def wait_for_log_step(out_dir, stage, min_step, proc, timeout=300):
@@ -109,12 +131,8 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, tiny_data):
 def test_a_rank_whose_init_hangs_exits_for_torchrun_to_restart():
     """Rank 0 of a world of 2 whose peer never comes: init_process_group would wait for it (30
     minutes by default); the watchdog ends the process with INIT_HUNG_EXIT after run.init_timeout."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
+           "MASTER_PORT": "0"}  # rank 0 binds any free port: no other process can take it first
     code = "from encdiff import dist; dist.setup('cpu', init_timeout=2); print('initialised')"
     t0 = time.time()
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -1,6 +1,3 @@
-import os
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -9,15 +6,9 @@ import torch.nn as nn
 from encdiff.sync_bn import GlobalBatchNorm2d, convert_to_global_bn
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, x, w_out, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, init_file, x, w_out, q):
+    # a file rendezvous: no port to pick and lose to another process between picking and binding
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     bn = convert_to_global_bn(nn.Sequential(nn.BatchNorm2d(3)))
     shard = x.chunk(world)[rank].clone().requires_grad_(True)
@@ -27,10 +18,12 @@ def _worker(rank, world, port, x, w_out, q):
     # that the parent can only collect while this process is still alive (it may have exited)
     tensors = (y.detach(), shard.grad, bn[0].weight.grad, bn[0].running_mean, bn[0].running_var)
     q.put((rank, *(t.numpy().copy() for t in tensors)))
+    q.close()
+    q.join_thread()  # the result is in the pipe before this rank goes
     dist.destroy_process_group()
 
 
-def test_two_ranks_match_one_batchnorm_over_the_global_batch():
+def test_two_ranks_match_one_batchnorm_over_the_global_batch(tmp_path):
     torch.manual_seed(1)
     x, w_out = torch.randn(8, 3, 5, 5) * 2 + 1, torch.randn(8, 3, 5, 5)
     ref = nn.BatchNorm2d(3)
@@ -40,14 +33,21 @@ def test_two_ranks_match_one_batchnorm_over_the_global_batch():
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, x, w_out, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    out = sorted((q.get(timeout=120) for _ in range(2)), key=lambda o: o[0])
+    # daemons, killed in `finally`: a rank stuck in a rendezvous must fail this test, not hang pytest
+    procs = [ctx.Process(target=_worker, args=(r, 2, tmp_path / "init", x, w_out, q), daemon=True) for r in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        out = sorted((q.get(timeout=120) for _ in range(2)), key=lambda o: o[0])
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
     out = [(r, *map(torch.from_numpy, arrays)) for r, *arrays in out]
-    for p in procs:
-        p.join(timeout=60)
     y = torch.cat([o[1] for o in out])
     gx = torch.cat([o[2] for o in out])
     assert torch.allclose(y, y_ref, atol=1e-5)
