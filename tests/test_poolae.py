@@ -1,6 +1,5 @@
 """The fixed stage 1 (vqvae.kind = "pool"): the latent is the image at 1/f resolution, nothing is
 trained, and train.py + evaluate.py run end to end on it."""
-import importlib.util
 import json
 
 import pytest
@@ -12,6 +11,7 @@ from encdiff.config import build_config
 from encdiff.errors import UserError
 from encdiff.models.encdiff import build_vq
 from encdiff.models.poolae import PoolModel
+from test_benchmarks import load_nmi_module
 from test_train import ROOT, run_train, write_tiny_h5
 
 SMOKE = [ROOT / "config.toml", ROOT / "configs" / "smoke.toml"]
@@ -60,9 +60,6 @@ def test_train_and_evaluate_with_the_pool_stage(tmp_path, capsys):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert 0.0 <= metrics["factor_vae"]["eval_accuracy"] <= 1.0
     # the code-factor diagnostic reads the same run
-    spec = importlib.util.spec_from_file_location("code_factor_nmi", ROOT / "benchmarks" / "code_factor_nmi.py")
-    nmi_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(nmi_mod)
-    assert nmi_mod.main([str(out), "--json", str(tmp_path / "nmi.json")]) == 0
+    assert load_nmi_module().main([str(out), "--json", str(tmp_path / "nmi.json")]) == 0
     report = json.loads((tmp_path / "nmi.json").read_text())
     assert len(report["nmi"][0]) == len(report["factors"]) and all(0 <= v <= 1.0001 for v in report["best"].values())
