@@ -563,7 +563,7 @@ def train_encdiff(cfg, d, images, out_dir, stop, factor_sizes=None):
         x = fetch(images, idx, d.device, cfg.perf.channels_last)
         z0 = latents_of(idx, x) * scale
         # t and noise are drawn for the whole global batch and sliced, so N ranks = 1 rank
-        t = torch.randint(0, e.timesteps, (e.batch_size,), device=d.device, generator=noise_gen)[d.rank * local:(d.rank + 1) * local]
+        t = model.diffusion.sample_timesteps(e.batch_size, noise_gen, d.device)[d.rank * local:(d.rank + 1) * local]
         noise = torch.randn((e.batch_size, *z0.shape[1:]), device=d.device, generator=noise_gen)[d.rank * local:(d.rank + 1) * local]
         if cfg.perf.channels_last:
             z0, noise = z0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)

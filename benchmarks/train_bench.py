@@ -331,7 +331,7 @@ def encdiff_step(cfg, d, images, feed):
     def step(i):
         idx, x = feed(i)
         z0 = latents_of(idx, x) * scale
-        t = torch.randint(0, e.timesteps, (len(idx),), device=d.device, generator=noise_gen)
+        t = model.diffusion.sample_timesteps(len(idx), noise_gen, d.device)
         noise = torch.randn(z0.shape, device=d.device, generator=noise_gen)
         if p.channels_last:
             z0, noise = z0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)

@@ -101,6 +101,7 @@ class EncDiffConfig:
     schedule: str = "cosine"  # "cosine" (paper) or "linear" (release)
     loss: str = "l2"  # "l2" (paper) or "l1" (release)
     prediction: str = "eps"  # what the U-Net predicts: "eps" (paper, release), "v" or "x0" (encdiff/diffusion.py)
+    t_power: float = 0.0  # training timesteps drawn with density ~ (t/T)^t_power: 0 uniform (paper), > 0 favours noisy steps
     grad_checkpoint: bool = False
 
 
@@ -336,6 +337,7 @@ def validate(cfg, sources=None):
     _one_of(e.schedule, ("cosine", "linear"), "encdiff.schedule")
     _one_of(e.loss, ("l1", "l2"), "encdiff.loss")
     _one_of(e.prediction, ("eps", "v", "x0"), "encdiff.prediction")
+    _check(0 <= e.t_power < math.inf, "encdiff.t_power", f"must be a number >= 0; got {e.t_power}")
     _one_of(p.precision, PRECISIONS, "perf.precision")
     _one_of(p.compile, COMPILE_MODES, "perf.compile")
     _one_of(p.attention, ATTENTION_BACKENDS, "perf.attention")

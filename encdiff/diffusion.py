@@ -46,7 +46,7 @@ class Diffusion(nn.Module):
     """Diffusion with T steps; model_fn(x_t, t) -> the prediction (noise, v or x0)."""
 
     def __init__(self, timesteps=1000, schedule="cosine", loss="l2", linear_start=0.0015,
-                 linear_end=0.0155, cosine_s=8e-3, prediction="eps"):
+                 linear_end=0.0155, cosine_s=8e-3, prediction="eps", t_power=0.0):
         super().__init__()
         if schedule not in SCHEDULES:
             raise UserError(f"diffusion.schedule={schedule!r} must be one of {SCHEDULES}")
@@ -56,9 +56,12 @@ class Diffusion(nn.Module):
             raise UserError(f"diffusion.prediction={prediction!r} must be one of {PREDICTIONS}")
         if timesteps < 1:
             raise UserError(f"diffusion.timesteps={timesteps} must be >= 1")
+        if not 0 <= t_power < math.inf:
+            raise UserError(f"diffusion.t_power={t_power} must be a number >= 0")
         if schedule == "linear" and not 0 < linear_start < linear_end < 1:
             raise UserError(f"diffusion: need 0 < linear_start ({linear_start}) < linear_end ({linear_end}) < 1")
         self.timesteps, self.schedule, self.loss_type, self.prediction = timesteps, schedule, loss, prediction
+        self.t_power = float(t_power)
         if schedule == "linear":
             betas = linear_betas(timesteps, linear_start, linear_end)
         else:
@@ -92,14 +95,26 @@ class Diffusion(nn.Module):
             return out, (x_t - a.sqrt() * out) / (1 - a).sqrt()
         return a.sqrt() * x_t - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * x_t
 
+    def sample_timesteps(self, n, generator=None, device=None):
+        """n training timesteps in [0, T): uniform when t_power is 0 (the paper), otherwise with density
+        proportional to (t / T)^t_power, which spends more of the steps where the noise hides the
+        latent and only the tokens can say what it held."""
+        if self.t_power == 0:
+            return torch.randint(0, self.timesteps, (n,), device=device, generator=generator)
+        u = torch.rand(n, device=device, generator=generator)
+        # inverse CDF of the density (p + 1) s^p on [0, 1)
+        s = u.pow(1.0 / (self.t_power + 1.0))
+        return (s * self.timesteps).long().clamp_(max=self.timesteps - 1)
+
     def loss(self, model_fn, x0, context=None, generator=None, t=None, noise=None):
-        """Mean L1 or L2 between the target (noise, v or x0) and model_fn's prediction, t uniform in [0, T).
+        """Mean L1 or L2 between the target (noise, v or x0) and model_fn's prediction, t drawn by
+        sample_timesteps.
 
         model_fn(x_t, t) or, when context is given, model_fn(x_t, t, context). t and noise may be
         passed in (e.g. drawn outside a compiled region); otherwise they are drawn here.
         """
         if t is None:
-            t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+            t = self.sample_timesteps(x0.shape[0], generator, x0.device)
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.q_sample(x0, t, noise)

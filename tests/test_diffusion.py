@@ -82,6 +82,22 @@ def test_loss_draws_uniform_t():
     assert counts.std() / counts.mean() < 0.5  # ~ 1/sqrt(50) for uniform
 
 
+def test_t_power_zero_is_the_plain_uniform_draw():
+    # the default must draw exactly what torch.randint draws, so runs made before t_power repeat
+    t = Diffusion().sample_timesteps(1000, torch.Generator().manual_seed(3))
+    assert torch.equal(t, torch.randint(0, 1000, (1000,), generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 3.0])
+def test_t_power_draws_density_proportional_to_t_to_the_power(power):
+    t = Diffusion(t_power=power).sample_timesteps(200000, torch.Generator().manual_seed(0)).double()
+    assert t.min() >= 0 and t.max() <= 999
+    s = (t + 0.5) / 1000
+    # moments of the density (p + 1) s^p on [0, 1): E[s] = (p+1)/(p+2), P(s < 1/2) = 2^-(p+1)
+    assert s.mean().item() == pytest.approx((power + 1) / (power + 2), abs=3e-3)
+    assert (s < 0.5).double().mean().item() == pytest.approx(0.5 ** (power + 1), abs=3e-3)
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
@@ -172,7 +188,7 @@ def test_v_loss_weights_low_snr_steps_more_than_eps_loss():
 
 
 @pytest.mark.parametrize("kwargs", [dict(schedule="quadratic"), dict(loss="huber"), dict(timesteps=0),
-                                    dict(prediction="score"),
+                                    dict(prediction="score"), dict(t_power=-1.0), dict(t_power=math.inf),
                                     dict(schedule="linear", linear_start=0.02, linear_end=0.01)])
 def test_bad_config_raises_user_error(kwargs):
     with pytest.raises(UserError):

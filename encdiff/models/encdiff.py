@@ -45,7 +45,8 @@ def build_unet(e, latent_channels, attn_backend="auto"):
 
 
 def build_diffusion(e):
-    return Diffusion(timesteps=e.timesteps, schedule=e.schedule, loss=e.loss, prediction=e.prediction)
+    return Diffusion(timesteps=e.timesteps, schedule=e.schedule, loss=e.loss, prediction=e.prediction,
+                     t_power=e.t_power)
 
 
 class EncDiff(nn.Module):
