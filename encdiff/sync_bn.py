@@ -7,8 +7,25 @@ Outside a process group, or in eval mode, it is a plain BatchNorm2d.
 """
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
+
+
+class SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) that gradients flow through: y = sum of every rank's x, so the gradient for
+    this rank's x is the sum of every rank's gradient for y. (torch.distributed.nn.functional's
+    all_reduce does the same but is deprecated from torch 2.13.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad.contiguous().clone()
+        dist.all_reduce(g)
+        return g
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -19,7 +36,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         xf = x.float()
         count = torch.full((1,), xf.numel() // C, dtype=torch.float32, device=x.device)
         # one all-reduce of [sum, sum of squares, count]; autograd-aware, so gradients flow across ranks
-        stats = dist_fn.all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+        stats = SumOverRanks.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
         n = stats[-1]
         mean = stats[:C] / n
         var = (stats[C : 2 * C] / n - mean * mean).clamp_min(0)
