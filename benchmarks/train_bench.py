@@ -19,10 +19,11 @@ backend missing, a compile failure, out of memory) is a `skipped` row with its r
 goes to stdout; `--json PATH` gets every number, rewritten after each row so a killed run keeps
 what it measured. `--budget S` skips the rows that would start after S seconds.
 
-The step is train.py's step, written out here with train.py's own helpers (autocast, compile,
-optimiser, fetch, batch order, latent cache) because train.py keeps it inline in its stage loops.
+The step is train.py's step: both build it from encdiff/steps.py (models, optimiser, EMA, batch
+order, latent cache, CUDA graph); only the release's DataLoader baseline feeds it other batches.
 """
 import argparse
+import copy
 import gc
 import json
 import math
@@ -34,20 +35,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-import train  # noqa: E402
-from attn_bench import versions  # noqa: E402  (also sets TRITON_INTERPRET without CUDA)
+from attn_bench import versions  # noqa: E402
 from encdiff import dist  # noqa: E402
-from encdiff.config import build_config, split_args  # noqa: E402
+from encdiff.config import ARCH_KEYS, build_config, split_args  # noqa: E402
 from encdiff.errors import UserError, exit_on_user_error  # noqa: E402
-from encdiff.models.encdiff import (EncDiff, build_diffusion, build_encoder, build_unet, build_vq,  # noqa: E402
-                                    count_params, uint8_to_model)
-from encdiff.models.vq_loss import VQLoss  # noqa: E402
-from encdiff.sync_bn import convert_to_global_bn  # noqa: E402
+from encdiff.images import uint8_to_model  # noqa: E402
+from encdiff.models.encdiff import build_encoder, build_unet, build_vq, count_params  # noqa: E402
+from encdiff.steps import EncDiffStep, VQStep, Window  # noqa: E402
 
 STAGES = ("vqvae", "encdiff")
 STAGE_TITLES = {"vqvae": "stage 1: VQ autoencoder", "encdiff": "stage 2: concept encoder + latent U-Net"}
@@ -150,7 +148,7 @@ def small_model_overrides():
     """The model shape of configs/smoke.toml (its shape keys only): the small model of the CPU tests."""
     smoke = build_config([ROOT / "configs" / "smoke.toml"])
     return [(f"{stage}.{key}", as_cli(getattr(getattr(smoke, stage), key)))
-            for stage, keys in train.MODEL_KEYS.items() for key in keys]
+            for stage, keys in ARCH_KEYS.items() for key in keys]
 
 
 def make_config(files, overrides, settings=None):
@@ -228,25 +226,10 @@ class LoaderFeed:
         self.loader = self.batches = None  # the workers shut down with them
 
 
-class ResidentFeed:
-    """train.py's data path: batches gathered by index from the dataset, kept on the GPU when on_device."""
-
-    def __init__(self, images, batch, d, cfg):
-        on_gpu = d.device.type == "cuda" and cfg.data.on_device
-        self.images = images.to(d.device) if on_gpu else images
-        self.batch, self.d, self.cfg = batch, d, cfg
-
-    def __call__(self, step):
-        idx = train.batch_indices(step, len(self.images), self.batch * self.d.world_size, self.d, self.cfg.run.seed)
-        return idx, train.fetch(self.images, idx, self.d.device, self.cfg.perf.channels_last)
-
-    def close(self):
-        self.images = None
-
-
 def make_feed(cfg, d, images, batch, workers):
+    """None: the step's own data path (train.py's); else the release's DataLoader."""
     if cfg.data.on_device:
-        return ResidentFeed(images, batch, d, cfg)
+        return None
     return LoaderFeed(images, batch, workers, d.device, cfg.perf.channels_last, cfg.run.seed + d.rank)
 
 
@@ -256,94 +239,41 @@ def random_images(n, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# one training step of each stage, as train.py runs it
+# one training step of each stage: train.py's, from encdiff/steps.py
 
 
-def wrap(model, d, **ddp_kwargs):
-    if not d.enabled:
-        return model
-    return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **ddp_kwargs)
+def step_config(cfg, batch, d):
+    """cfg with the benchmark's per-GPU batch as each stage's global batch."""
+    cfg = copy.deepcopy(cfg)
+    cfg.vqvae.batch_size = cfg.encdiff.batch_size = batch * d.world_size
+    return cfg
 
 
-def vqvae_step(cfg, d, images, feed):
-    """-> step(i) for stage 1, as train.train_vqvae runs it: L1 + codebook loss (+ PatchGAN if
-    vqvae.use_gan), Adam, the grad scaler's non-finite check, the on-device log window."""
-    v, p = cfg.vqvae, cfg.perf
-    amp, prec = train.autocast(cfg, d.device)
-    scaler = train.make_scaler(prec, d.device)
-    torch.manual_seed(cfg.run.seed)
-    model = build_vq(v).to(d.device)
-    loss_fn = VQLoss(disc_weight=v.disc_weight, disc_start=v.disc_start, lpips_path=v.lpips_path or None,
-                     use_gan=v.use_gan).to(d.device)
-    if p.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = train.make_optimizer(torch.optim.Adam, model.parameters(), v.lr, v.betas, d.device, p.fused_adam)
-    disc = loss_fn.discriminator if v.use_gan else None
-    opt_d = (train.make_optimizer(torch.optim.Adam, disc.parameters(), v.lr, v.betas, d.device, p.fused_adam)
-             if disc is not None else None)
-    forward = train.compile_model(wrap(model, d), p.compile)
-    params, win = list(model.parameters()), train.Window(d.device)
-
-    def step(i):
-        _, x = feed(i)
-        loss, grad_norm, _ = train.vqvae_update(x, i, forward, model, loss_fn, opt, opt_d, scaler, params, amp)
-        win.add(loss, grad_norm, len(x))
-        return loss.detach()
-
-    return step
+def build_step(stage, cfg, d, images, vq=None):
+    """train.py's step of `stage`, prepared from step 0. Stage 2's frozen VQ is `vq`, or one with
+    random weights (the cost is the same)."""
+    if stage == "vqvae":
+        st = VQStep(cfg, d, images)
+    else:
+        if vq is None:
+            torch.manual_seed(cfg.run.seed)
+            vq = build_vq(cfg.vqvae).to(d.device).eval().requires_grad_(False)
+        st = EncDiffStep(cfg, d, images, vq)
+    st.prepare(0)
+    return st
 
 
-def encdiff_step(cfg, d, images, feed):
-    """-> step(i) for stage 2, as train.train_encdiff runs it: diffusion loss through encoder +
-    U-Net, AdamW, the grad scaler's non-finite check, EMA, the on-device log window; the frozen VQ
-    (random weights: the same cost) encodes every step unless perf.cache_latents."""
-    e, p = cfg.encdiff, cfg.perf
-    amp, prec = train.autocast(cfg, d.device)
-    scaler = train.make_scaler(prec, d.device)
-    torch.manual_seed(cfg.run.seed)
-    vq = build_vq(cfg.vqvae).to(d.device).eval().requires_grad_(False)
-    model = EncDiff(build_encoder(e), build_unet(e, cfg.vqvae.embed_dim, p.attention), build_diffusion(e),
-                    e.loss).to(d.device)
-    if d.enabled:
-        model.encoder = convert_to_global_bn(model.encoder)
-    if p.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = train.make_optimizer(torch.optim.AdamW, model.parameters(), e.lr, e.betas, d.device, p.fused_adam,
-                               weight_decay=e.weight_decay)
-    ema_src = model if e.ema_all else model.unet
-    src_params = list(ema_src.parameters())
-    ema_params = [q.detach().clone().float() for q in src_params]
-    latents = train.encode_latents(vq, images, d, cfg.eval.batch_size, amp) if p.cache_latents else None
-    forward = train.compile_model(wrap(model, d, static_graph=True, gradient_as_bucket_view=True,
-                                       **train.NO_BUFFER_SYNC), p.compile)
-    noise_gen = torch.Generator(device=d.device).manual_seed(cfg.run.seed)
-    params, win = list(model.parameters()), train.Window(d.device)
-
-    def latents_of(idx, x):
-        if latents is not None:
-            return latents.index_select(0, idx.to(latents.device)).to(d.device)
-        with torch.no_grad(), amp:
-            return vq.encode(x).float()
-
-    idx0, x0 = feed(0)
-    scale = 1.0 / latents_of(idx0, x0).std()  # as train.py: 1/std of the first batch's latents
+def stepper(stage, cfg, d, images, feed):
+    """-> step(i) of `stage` under cfg, fed by `feed` (None: the step's own data path), and the
+    on-device log window train.py keeps beside it."""
+    st, win = build_step(stage, cfg, d, images), Window(d.device)
 
     def step(i):
-        idx, x = feed(i)
-        z0 = latents_of(idx, x) * scale
-        t = model.diffusion.sample_timesteps(len(idx), noise_gen, d.device)
-        noise = torch.randn(z0.shape, device=d.device, generator=noise_gen)
-        if p.channels_last:
-            z0, noise = z0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
-        loss, grad_norm = train.encdiff_update((x, z0, t, noise), i, forward, opt, scaler, params, ema_params,
-                                               src_params, e.ema_decay, amp)
-        win.add(loss, grad_norm, len(idx))
-        return loss.detach()
+        out = st(i) if feed is None else st(i, feed(i))
+        win.add(out[0], out[1], len(out[2]))
+        return out[0]
 
     return step
-
-
-STEP_BUILDERS = {"vqvae": vqvae_step, "encdiff": encdiff_step}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +305,9 @@ def peak_memory_mb(device):
             return int(line.split()[1]) / 1024
         except (OSError, StopIteration, ValueError):
             pass
-    return train.peak_memory_mb(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @contextmanager
@@ -396,7 +328,8 @@ def release_memory(device):
 
 
 def measure(cfg, stage, d, images, batch, warmup, steps, workers):
-    """Fresh models for `stage` under cfg; -> {img_s, first_step_s, peak_mb, loss} of this rank."""
+    """Fresh models for `stage` under cfg at per-GPU `batch`; -> {img_s, first_step_s, peak_mb, loss}
+    of this rank. The first step includes the warm-up and capture of a CUDA graph."""
     if "torch._dynamo" in sys.modules:  # imported by the first compile: none before it to forget
         torch._dynamo.reset()  # no compiled code or recompile limits carried over from the previous row
     release_memory(d.device)
@@ -404,7 +337,7 @@ def measure(cfg, stage, d, images, batch, warmup, steps, workers):
     feed = make_feed(cfg, d, images, batch, workers)
     try:
         with tf32(cfg.perf.tf32 and d.device.type == "cuda"):
-            step = STEP_BUILDERS[stage](cfg, d, images, feed)
+            step = stepper(stage, step_config(cfg, batch, d), d, images, feed)
             t0 = clock(d.device)
             loss = step(0)
             first = clock(d.device) - t0
@@ -415,7 +348,8 @@ def measure(cfg, stage, d, images, batch, warmup, steps, workers):
                 loss = step(i)
             elapsed = clock(d.device) - t0
     finally:
-        feed.close()
+        if feed is not None:
+            feed.close()
     loss = loss.item()
     if not math.isfinite(loss):
         raise RuntimeError(f"the loss is {loss}")

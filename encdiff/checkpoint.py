@@ -58,14 +58,16 @@ def unprefixed(prefix, tensors):
 
 
 def optimizer_to_tensors(opt, prefix):
-    """Optimiser state as tensors plus its param groups as JSON (no pickle)."""
+    """Optimiser state as tensors plus its param groups as JSON (no pickle). A hyper-parameter held
+    in a tensor (the learning rate of a fused optimiser) is stored as its number."""
     sd = opt.state_dict()
     tensors = {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
             tensors[f"{prefix}.{idx}.{key}"] = t.detach().contiguous().clone()
-    return tensors, json.dumps(sd["param_groups"])
+    groups = [{k: v.item() if torch.is_tensor(v) else v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, json.dumps(groups)
 
 
 def optimizer_from_tensors(opt, prefix, tensors, groups_json):
@@ -73,7 +75,19 @@ def optimizer_from_tensors(opt, prefix, tensors, groups_json):
     for name, t in unprefixed(prefix, tensors).items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = t
+    # hyper-parameters the optimiser holds in tensors stay those tensors (a captured step reads them)
+    held = [{k: v for k, v in g.items() if torch.is_tensor(v)} for g in opt.param_groups]
     opt.load_state_dict({"state": state, "param_groups": json.loads(groups_json)})
+    for group, kept in zip(opt.param_groups, held):
+        for key, t in kept.items():
+            t.fill_(float(group[key]))
+            group[key] = t
+    # moments in the parameter's own layout (channels-last): a fused optimiser walks both tensors'
+    # memory in step, so a contiguous moment beside a channels-last weight would pair wrong elements
+    for param, param_state in opt.state.items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 # ---------------------------------------------------------------------------------------------

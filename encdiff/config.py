@@ -6,6 +6,7 @@ Unknown tables or keys, wrong types and invalid values raise UserError naming th
 came from, before any data is read or any model is built. `to_toml(cfg)` writes the resolved
 config; `from_toml_text` reads it back to an identical Config.
 """
+import copy
 import dataclasses
 import math
 import sys
@@ -114,6 +115,7 @@ class PerfConfig:
     fused_adam: bool = True  # CUDA only
     tf32: bool = True
     cache_latents: bool = True  # encode the frozen VQ latents once for stage 2
+    cuda_graph: bool = True  # CUDA: record each stage's update once and replay it (encdiff/steps.py)
 
 
 @dataclass
@@ -257,8 +259,10 @@ def split_args(argv, extra_flags=()):
     return files, overrides, rest
 
 
-def build_config(files=(), overrides=()):
-    cfg, sources = Config(), {}
+def build_config(files=(), overrides=(), base=None):
+    """base (default: the dataclass defaults) < files < overrides, validated. evaluate.py passes a
+    checkpoint's stored config as the base."""
+    cfg, sources = (copy.deepcopy(base) if base is not None else Config()), {}
     for f in files:
         load_file(cfg, f, sources)
     for dotted, raw in overrides:
@@ -347,6 +351,75 @@ def validate(cfg, sources=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# what a checkpoint fixes
+
+# The keys that say what a stage's training computes. A stage resumes from its checkpoint only with
+# the values it was trained with (check_resumable); stage 1's keys cover the data and the seed too,
+# stage 2's also the first stage it trains on. Every other key may change between runs (FREE_KEYS):
+# how long, where, how often, and how fast. A test keeps the two lists covering every key once.
+# ARCH_KEYS: what a stage's modules are built from (their shapes); the rest of STAGE_KEYS is how
+# they are trained.
+ARCH_KEYS = {
+    "vqvae": ("kind", "ch", "ch_mult", "enc_res_blocks", "dec_res_blocks", "z_channels", "embed_dim", "n_embed"),
+    "encdiff": ("num_tokens", "token_dim", "encoder_ch", "model_channels", "channel_mult", "num_res_blocks",
+                "attention_levels", "num_heads", "timesteps", "schedule"),
+}
+VQ_ARCH_KEYS = ARCH_KEYS["vqvae"]
+STAGE_KEYS = {
+    "vqvae": {"run": ("seed",), "data": ("name", "grid"),
+              "vqvae": (*VQ_ARCH_KEYS, "kl_weight", "batch_size", "lr", "betas", "beta", "ema_codebook", "use_gan",
+                        "disc_start", "disc_weight", "lpips_path")},
+    "encdiff": {"run": ("seed",), "data": ("name", "grid"), "vqvae": VQ_ARCH_KEYS,
+                "encdiff": (*ARCH_KEYS["encdiff"], "batch_size", "lr", "lr_ref_batch", "warmup_steps", "weight_decay",
+                            "betas", "ema_decay", "ema_all", "dropout", "loss", "prediction", "t_power")},
+}
+FREE_KEYS = {
+    "run": ("out_dir", "resume", "stages", "device", "log_every", "ckpt_every", "keep_last", "image_every",
+            "stop_signals", "stop_check_every", "max_nonfinite", "init_timeout"),
+    "data": ("path", "on_device"),
+    "vqvae": ("steps", "ckpt"),
+    "encdiff": ("steps", "grad_checkpoint"),
+    "perf": "*",
+    "eval": "*",
+}
+
+
+def _differences(stored, cfg, keys):
+    for table, names in keys.items():
+        for name in names:
+            then, now = getattr(getattr(stored, table), name), getattr(getattr(cfg, table), name)
+            if then != now:
+                yield f"{table}.{name}", then, now
+
+
+def check_resumable(stored, cfg, stage, path):
+    """A checkpoint of `stage` trained with other values of its STAGE_KEYS is one clear error."""
+    for key, then, now in _differences(stored, cfg, STAGE_KEYS[stage]):
+        raise UserError(f"{path}: this {stage} run was trained with {key} = {_toml_value(then)}, the config now says "
+                        f"{_toml_value(now)}; use those values to resume it, or start a new run with another "
+                        f"run.out_dir")
+
+
+def check_same_vq(stored, cfg, path):
+    """The frozen first stage of stage 2 must be the one the config describes (it is rebuilt from it)."""
+    for key, then, now in _differences(stored, cfg, {"vqvae": VQ_ARCH_KEYS}):
+        raise UserError(f"{path}: checkpoint from an incompatible model config: {key} is {_toml_value(then)} "
+                        f"there, {_toml_value(now)} here")
+
+
+def keep_model_tables(cfg, stored):
+    """Evaluation: the weights define the model, so [vqvae] and [encdiff] always come from the stored
+    config (a `--config config.toml` would otherwise turn a small run's model into the default one).
+    -> the keys whose other values were ignored."""
+    ignored = []
+    for table in STAGES:
+        now, then = getattr(cfg, table), getattr(stored, table)
+        ignored += [f"{table}.{f.name}" for f in dataclasses.fields(now) if getattr(now, f.name) != getattr(then, f.name)]
+        setattr(cfg, table, then)
+    return ignored
+
+
+# ---------------------------------------------------------------------------------------------
 # writing
 
 
@@ -382,7 +455,3 @@ def from_toml_text(text, where="stored config"):
     apply_dict(cfg, data, where)
     validate(cfg)
     return cfg
-
-
-def as_dict(cfg):
-    return dataclasses.asdict(cfg)

@@ -32,9 +32,9 @@ from encdiff.data.formats import FACTORS
 from encdiff.data.synth import GRIDS as SYNTH3D_GRIDS
 from encdiff.errors import UserError
 from encdiff.fid import fid_from_features, inception_features
-from encdiff.images import grid, save_png, to_uint8
+from encdiff.images import grid, save_png, to_uint8, uint8_to_model
 from encdiff.metrics import compute_all, tad
-from encdiff.models.encdiff import build_diffusion, build_encoder, build_unet, build_vq, uint8_to_model
+from encdiff.models.encdiff import build_diffusion, build_encoder, build_unet, build_vq
 from encdiff.models.unet import record_cross_attention
 
 IMAGE_SHAPE = (64, 64, 3)

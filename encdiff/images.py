@@ -1,9 +1,16 @@
-"""PNG grids of images (pillow), for training logs and evaluation pictures."""
+"""Images between uint8 storage and the models, and PNG grids of them (pillow) for training logs and
+evaluation pictures."""
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+
+def uint8_to_model(x_u8, channels_last=False):
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]: what the models take."""
+    x = x_u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
 def to_uint8(x):

@@ -78,3 +78,29 @@ def test_train_py_reports_config_errors_in_one_line_exit_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "unknown key encdiff.stepz" in r.stderr
     assert not (tmp_path / "runs").exists()  # nothing was written before the error
+
+
+def test_every_key_is_fixed_by_a_checkpoint_or_free_to_change_exactly_once():
+    import dataclasses
+
+    from encdiff.config import FREE_KEYS, STAGE_KEYS
+
+    fixed = {f"{t}.{k}" for keys in STAGE_KEYS.values() for t, names in keys.items() for k in names}
+    for table in dataclasses.fields(Config):
+        for f in dataclasses.fields(table.type):
+            key = f"{table.name}.{f.name}"
+            free = FREE_KEYS.get(table.name, ())
+            is_free = free == "*" or f.name in free
+            assert (key in fixed) != is_free, f"{key}: in {'both lists' if is_free else 'neither list'}"
+    assert {f"vqvae.{k}" for k in STAGE_KEYS["encdiff"]["vqvae"]} <= {f"vqvae.{k}" for k in STAGE_KEYS["vqvae"]["vqvae"]}
+
+
+@pytest.mark.parametrize("override, key", [("--encdiff.prediction=x0", "encdiff.prediction"),
+                                           ("--encdiff.loss=l1", "encdiff.loss"), ("--run.seed=4", "run.seed")])
+def test_resuming_with_another_objective_names_the_key_and_both_values(override, key):
+    from encdiff.config import check_resumable
+
+    stored = build_config()
+    with pytest.raises(UserError, match=rf"trained with {key} = .*, the config now says .*new run"):
+        check_resumable(stored, parse_args([override]), "encdiff", "ckpt")
+    check_resumable(stored, parse_args(["--encdiff.steps=5", "--perf.compile=off", "--run.log_every=7"]), "encdiff", "ckpt")

@@ -209,7 +209,7 @@ def test_the_training_step_regresses_the_configured_target(prediction, loss):
     e = EncDiffConfig(encoder_ch=8, model_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
                       num_heads=2, num_tokens=4, token_dim=8, prediction=prediction, loss=loss)
     torch.manual_seed(0)
-    model = EncDiff(build_encoder(e), build_unet(e, 3, "math"), build_diffusion(e), e.loss).eval()
+    model = EncDiff(build_encoder(e), build_unet(e, 3, "math"), build_diffusion(e)).eval()
     assert model.diffusion.prediction == prediction
     g = torch.Generator().manual_seed(7)
     images = torch.rand(4, 3, 64, 64, generator=g) * 2 - 1

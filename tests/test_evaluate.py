@@ -22,7 +22,8 @@ from encdiff.errors import UserError
 from encdiff.evaluation import (attention_maps, decode_tokens, encode_dataset, fixed_noise, format_table,
                                 layered_config, load_trained, open_eval_dataset, swap_codes, traversal_codes)
 from encdiff.metrics import metric_names
-from encdiff.models.encdiff import build_encoder, build_unet, build_vq, uint8_to_model
+from encdiff.images import uint8_to_model
+from encdiff.models.encdiff import build_encoder, build_unet, build_vq
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (2, 3, 4)  # 24 images: every metric's sampler works, and encoding is instant

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import evaluate
 from encdiff.config import build_config
-from encdiff.models.encdiff import build_vq, uint8_to_model
+from encdiff.images import uint8_to_model
+from encdiff.models.encdiff import build_vq
 from encdiff.models.klvae import KLModel
 from encdiff.models.vqvae import Decoder, Encoder, VQModel
 
@@ -166,16 +167,17 @@ def test_train_py_trains_stage_2_on_the_kl_mean_latent(kl_run):
     assert ck["vq.quant_conv.weight"].shape == (6, 6, 1, 1) and not any("codebook" in k for k in ck)
 
     # the scale factor is 1 / std of the KL *mean* latent of the first global batch
-    import train
     from encdiff.data import load_all, open_dataset
+    from encdiff.dist import Dist
+    from encdiff.steps import BatchOrder
 
     cfg = build_config(SMOKE, [("vqvae.kind", "kl")])
     vq = build_vq(cfg.vqvae)
     vq.load_state_dict({k[3:]: v for k, v in ck.items() if k.startswith("vq.")})
     with pytest.warns(UserWarning, match="broken.jpg"):  # listed again at every open
         pixels = torch.from_numpy(load_all(open_dataset("imagefolder", kl_run["photos"])))
-    first = train.batch_indices(0, len(pixels), cfg.encdiff.batch_size, train.dist.Dist(0, 0, 1, torch.device("cpu")),
-                                cfg.run.seed)
+    cpu = torch.device("cpu")
+    first = BatchOrder(len(pixels), cfg.encdiff.batch_size, Dist(0, 0, 1, cpu), cfg.run.seed, cpu).global_indices(0)
     with torch.no_grad():
         z = vq.eval().encode(uint8_to_model(pixels[first]))
     assert torch.allclose(ck["scale_factor"], 1.0 / z.std(), rtol=1e-4)

@@ -112,8 +112,8 @@ def test_incompatible_checkpoint_is_a_clear_error(tmp_path, tiny_data):
     out = tmp_path / "run"
     run_train(out, tiny_data, "--run.stages=vqvae")
     r = run_train(out, tiny_data, "--vqvae.n_embed=16", check=False)
-    assert r.returncode == 2 and "incompatible model config: vqvae.n_embed" in r.stderr
-    assert r.stderr.strip().count("\n") == 0
+    assert r.returncode == 2 and "trained with vqvae.n_embed = 32, the config now says 16" in r.stderr
+    assert "new run" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
 def test_missing_data_and_missing_vq_checkpoint(tmp_path, tiny_data):

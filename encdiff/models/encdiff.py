@@ -1,6 +1,5 @@
 """EncDiff = concept encoder + latent U-Net cross-attending to its tokens, trained by the diffusion
 loss alone. Builders from the config live here so train.py and evaluate.py build the same models."""
-import torch
 import torch.nn as nn
 
 from encdiff.diffusion import Diffusion
@@ -52,27 +51,16 @@ def build_diffusion(e):
 class EncDiff(nn.Module):
     """forward(images, z0, t, noise) -> scalar diffusion loss; the step that DDP and compile see."""
 
-    def __init__(self, encoder, unet, diffusion, loss="l2"):
+    def __init__(self, encoder, unet, diffusion):
         super().__init__()
         self.encoder = encoder
         self.unet = unet
         self.diffusion = diffusion
-        self.loss_kind = loss
 
     def forward(self, images, z0, t, noise):
         _, tokens = self.encoder(images)  # (B, num_tokens, token_dim)
-        zt = self.diffusion.q_sample(z0, t, noise)
-        out = self.unet(zt, t, tokens)  # noise, v or x0 (diffusion.prediction)
-        err = out.float() - self.diffusion.target(z0, t, noise).float()
-        return err.abs().mean() if self.loss_kind == "l1" else (err * err).mean()
+        return self.diffusion.loss(self.unet, z0, tokens, t=t, noise=noise)
 
 
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
-
-
-def uint8_to_model(x_u8, channels_last=False):
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
-    x = x_u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # (B, 3, H, W)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-

@@ -1,0 +1,42 @@
+"""Where and in what precision the work runs: one rule for train.py, evaluate.py and the benchmarks.
+
+    device = pick_device(cfg.run.device)          # evaluate.py, benchmarks (train.py: dist.setup)
+    prec = precision(cfg.perf.precision, device)  # "bf16" | "fp16" | "fp32"
+    with autocast(prec, device): ...
+    set_tf32(device, cfg.perf.tf32)
+"""
+from contextlib import nullcontext
+
+import torch
+
+from encdiff.errors import UserError
+
+
+def pick_device(choice):
+    """"auto" -> cuda when present, else cpu; "cuda" without CUDA is a one-line error."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("run.device = 'cuda' but CUDA is not available here (use --run.device=cpu)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def precision(choice, device):
+    """perf.precision resolved: "auto" is bf16 autocast on CUDA and fp32 on the CPU."""
+    if choice == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return choice
+
+
+def autocast(prec, device):
+    """The autocast context of a resolved precision (reusable: it can be entered many times)."""
+    if prec == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if prec == "bf16" else torch.float16)
+
+
+def set_tf32(device, enabled):
+    """TF32 for matmuls and convolutions on CUDA, set both ways: cuDNN allows TF32 unless told otherwise."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled

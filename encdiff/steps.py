@@ -1,0 +1,533 @@
+"""One home for each stage's training step: what a stage trains, and one update of it.
+
+    step = EncDiffStep(cfg, d, images, vq)   # models, optimiser, EMA, batch order (stage 2)
+    step.load(tensors)                       # resume: before prepare (encdiff/artifacts.py reads the file)
+    step.prepare(start)                      # latents, DDP, compile, CUDA graph
+    loss, grad_norm, x = step(i)             # one update of global step i
+
+`VQStep` is stage 1's. train.py and benchmarks/train_bench.py both train through these classes, so
+the benchmark measures the step that trains.
+
+Nothing in a step waits for the device: the batch indices are a slice of an epoch permutation that
+lives beside the data, a non-finite update is skipped by the fused optimiser reading a flag on the
+device (NonFiniteGuard), and the learning rate and the EMA decay are device tensors written before
+each update. On CUDA the whole update (batch gather, forward, backward, optimiser, EMA, non-finite
+bookkeeping) is recorded once in a CUDA graph and replayed (perf.cuda_graph); wherever that is not
+possible the reason is printed and the same update runs eagerly.
+"""
+import inspect
+import math
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from encdiff import dist, runtime
+from encdiff.images import uint8_to_model
+from encdiff.models.encdiff import EncDiff, build_diffusion, build_encoder, build_unet, build_vq
+from encdiff.models.vq_loss import VQLoss
+from encdiff.sync_bn import convert_to_global_bn
+
+# Test hook for fault injection: ENCDIFF_INJECT_NAN="3,4" makes the loss of steps 3 and 4 NaN.
+INJECT_NAN = frozenset(int(s) for s in os.environ.get("ENCDIFF_INJECT_NAN", "").split(",") if s.strip())
+LATENT_BATCH = 1024  # images per forward of the frozen VQ encoder when stage 2 caches the latents
+WARMUP_STEPS, WARMUP_STEPS_DDP = 3, 11  # eager steps before a capture (DDP settles its buckets in 11)
+
+
+class BatchOrder:
+    """Which images step i trains on: a seeded permutation of the dataset per epoch (the last short
+    batch of an epoch is dropped, so shapes never change), kept on the data's device and made once
+    per epoch; a step's indices are a slice of it, this rank's disjoint share of the global batch."""
+
+    def __init__(self, n, global_batch, d, seed, device):
+        assert 0 < global_batch <= n and global_batch % d.world_size == 0, (n, global_batch, d.world_size)
+        self.n, self.global_batch, self.seed, self.device = n, global_batch, seed, device
+        self.local = global_batch // d.world_size
+        self.rank = d.rank
+        self.per_epoch = n // global_batch
+        self._epoch, self._perm = None, None
+
+    def permutation(self, epoch):
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            perm = torch.randperm(self.n, generator=g)
+            if self.device.type == "cuda":
+                perm = perm.pin_memory()  # so the copy does not wait for the stream
+            self._perm, self._epoch = perm.to(self.device, non_blocking=True), epoch
+        return self._perm
+
+    def global_indices(self, step):
+        epoch, i = divmod(step, self.per_epoch)
+        return self.permutation(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
+
+    def indices(self, step):
+        return self.global_indices(step)[self.rank * self.local:(self.rank + 1) * self.local]
+
+
+class NonFiniteGuard:
+    """Skips an update whose gradients are not all finite, without a host sync.
+
+    The gradient norm (which the log reports anyway) is the check: a NaN or inf anywhere makes it
+    non-finite. The fused optimisers read the flag on the device and then leave parameters, moments
+    and step counts untouched. fp16 also scales the loss dynamically (GradScaler's rule: halve on a
+    non-finite step, double after 2,000 finite ones, in torch's own kernel); bf16 and fp32 need no
+    scale, so no pass over the gradients multiplies them by 1. A non-fused optimiser cannot read the
+    flag: there the check costs one host sync per update (perf.fused_adam = false, the release's)."""
+
+    def __init__(self, prec, device, fused):
+        self.fp16, self.fused = prec == "fp16", fused
+        self.scale = torch.full((), 2.0**16 if self.fp16 else 1.0, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.found_inf = torch.zeros((), device=device)  # of this update: 1.0 when it was skipped
+
+    def backward(self, loss):
+        (loss * self.scale if self.fp16 else loss).backward()
+
+    def step(self, opt, params):
+        """opt.step() unless a gradient is not finite; -> the gradient norm (unscaled)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if self.fp16:
+            norm = norm / self.scale
+        found = (~torch.isfinite(norm)).float()
+        self.found_inf.copy_(torch.maximum(self.found_inf, found))
+        if self.fused:
+            opt.grad_scale, opt.found_inf = (self.scale if self.fp16 else None), found
+            try:
+                opt.step()
+            finally:
+                del opt.grad_scale, opt.found_inf
+        elif not found.item():
+            if self.fp16:
+                torch._foreach_div_(grads, self.scale)
+            opt.step()
+        return norm
+
+    def start(self):
+        """Before an update's first step(): no skip recorded yet."""
+        self.found_inf.zero_()
+
+    def update(self):
+        """After an update's last step(): fp16's dynamic scale follows whether it was skipped."""
+        if self.fp16:
+            torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, 2.0, 0.5, 2000)
+
+    def state(self):
+        return {"scale": self.scale, "growth_tracker": self.growth_tracker}
+
+
+class EMA:
+    """Exponential moving average of a module's parameters, with LDM's warm-up: update n (1, 2, ...)
+    uses decay min(decay, (1 + n) / (10 + n)) and moves the average by (1 - decay) * (avg - param),
+    as LDM's LitEma does. The decay lives in a device tensor written before each update, so a
+    captured update reads the current one."""
+
+    def __init__(self, module, decay):
+        named = list(module.named_parameters())
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.avg = [p.detach().clone().float() for p in self.params]
+        self.max_decay = decay
+        self.one_minus_decay = torch.zeros((), device=self.params[0].device)
+
+    def set_update(self, n):
+        """The decay of the n-th update (n >= 1)."""
+        self.one_minus_decay.fill_(1.0 - min(self.max_decay, (1 + n) / (10 + n)))
+
+    @torch.no_grad()
+    def apply(self):
+        diff = torch._foreach_sub(self.avg, self.params)
+        torch._foreach_mul_(diff, self.one_minus_decay)
+        torch._foreach_sub_(self.avg, diff)
+
+    def state_dict(self):
+        return dict(zip(self.names, self.avg))
+
+    def load_state_dict(self, state):
+        missing = [n for n in self.names if n not in state]
+        assert not missing, f"EMA state lacks {missing[:3]}"
+        for name, avg in zip(self.names, self.avg):
+            avg.copy_(state[name])
+
+
+class Window:
+    """The log's sums over the steps since the last log, kept on the device so that a step never
+    syncs: mean loss and gradient norm of the finite steps, the skipped (non-finite) steps, and how
+    many were skipped in a row (train.py stops after run.max_nonfinite)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.streak = torch.zeros((), device=device)  # non-finite steps in a row
+        self.reset()
+
+    def reset(self):
+        z = lambda: torch.zeros((), device=self.device)  # noqa: E731
+        self.loss, self.grad_norm, self.good, self.skipped = z(), z(), z(), z()
+        self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
+
+    def add(self, loss, grad_norm, images):
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        self.loss += torch.where(bad, 0.0, loss.detach().float())
+        self.grad_norm += torch.where(bad, 0.0, grad_norm.float())
+        self.good += ~bad
+        self.skipped += bad
+        self.streak = (self.streak + 1) * bad
+        self.steps += 1
+        self.images += images
+
+
+def lr_factor(step, warmup):
+    """Linear warm-up then constant (LDM's LambdaLinearScheduler with f_start 1e-6)."""
+    if warmup <= 0 or step >= warmup:
+        return 1.0
+    return 1e-6 + (1.0 - 1e-6) * step / warmup
+
+
+def make_optimizer(cls, params, lr, betas, fused, **kw):
+    # lr as a tensor lets a captured update read the current learning rate (fused optimisers only)
+    return cls(params, lr=lr, betas=tuple(betas), fused=fused, **kw)
+
+
+def compile_model(model, mode):
+    if mode == "off":
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+def wrap_ddp(model, d, **kw):
+    if not d.enabled:
+        return model
+    if d.device.type != "cuda":
+        return DDP(model, **kw)
+    # built on a side stream, as PyTorch asks of a DDP model whose backward a CUDA graph may capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ddp = DDP(model, device_ids=[d.device.index], **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    return ddp
+
+
+# BatchNorm statistics are global (GlobalBatchNorm2d), so DDP need not re-broadcast buffers each step.
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                  else {"broadcast_buffers": False})
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA graph
+
+
+class Graphed:
+    """Records `body()` once in a CUDA graph and replays it.
+
+    Before the capture `body` runs eagerly a few times on a side stream (allocator, cuDNN, DDP's
+    buckets and torch.compile settle there); everything those steps changed (`tensors()`, the
+    generators) is then put back, so the first real update is the first replay and a run trains
+    exactly as if the warm-up never happened. A replay fills the same output tensors again."""
+
+    def __init__(self, body, tensors, generators, own_generators, optimizers, warmup):
+        """tensors() -> what an update changes; generators: every one it draws from (put back after
+        the warm-up); own_generators: those besides the device's default one, which the graph must
+        be told about (the default one it knows)."""
+        saved = [t.detach().clone() for t in tensors()]
+        fresh_optimizers = [not opt.state for opt in optimizers]
+        rng = [g.get_state() for g in generators]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                body()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        for g in own_generators:
+            self.graph.register_generator_state(g)
+        for opt in optimizers:  # the fused kernel is the same either way; the flag passes step()'s capture check
+            for group in opt.param_groups:
+                group["capturable"] = True
+        try:
+            with torch.cuda.graph(self.graph):
+                self.out = body()
+        finally:
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["capturable"] = False
+            with torch.no_grad():
+                for t, s in zip(tensors(), saved):
+                    t.copy_(s)
+                for opt, fresh in zip(optimizers, fresh_optimizers):
+                    if fresh:  # Adam's state starts at zero (step 0, zero moments)
+                        for state in opt.state.values():
+                            for v in state.values():
+                                v.zero_()
+            for g, s in zip(generators, rng):
+                g.set_state(s)
+
+    def replay(self):
+        self.graph.replay()
+        return self.out
+
+
+def graph_refusal(cfg, d, images, fused, extra=None):
+    """Why this step cannot be captured, or None."""
+    if not cfg.perf.cuda_graph:
+        return "perf.cuda_graph = false"
+    if images.device.type != "cuda":
+        return "data.on_device = false: each batch is copied from host memory"
+    if not fused:
+        return "perf.fused_adam = false: the non-finite check of a non-fused optimiser reads the flag on the host"
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        return f"torch {torch.__version__} cannot register the noise generator with a CUDA graph"
+    return extra
+
+
+class Step:
+    """What both stages share: the per-update inputs written outside the graph, the eager or
+    replayed update, the warm-up and capture."""
+
+    graph = None
+
+    def __call__(self, step, batch=None):
+        """One update at global step `step`. batch = (indices, images (b, 3, 64, 64)) from another
+        feed (the benchmark's DataLoader baseline) replaces this step's own and is never captured."""
+        self.set_inputs(step)
+        if batch is not None:
+            assert self.graph is None, "a CUDA-graphed step reads its own batch"
+            self.idx = batch[0].to(self.images.device)
+            return self.body(batch[1])
+        if self.graph is not None:
+            self.idx.copy_(self.order.indices(step))
+            return self.graph.replay()
+        self.idx = self.order.indices(step)
+        return self.body()
+
+    def capture(self, start, refusal, label):
+        """On CUDA, record the update in a CUDA graph unless `refusal` says why not (printed)."""
+        if self.d.device.type != "cuda":
+            return
+        if refusal is not None:
+            dist.print0(f"{label}: no CUDA graph ({refusal}); the update runs eagerly")
+            return
+        self.idx = self.order.indices(start).clone()  # the static index buffer of the replays
+        self.set_inputs(start)
+        warmup = WARMUP_STEPS_DDP if self.d.enabled else WARMUP_STEPS
+        try:
+            self.graph = Graphed(self.body, self.mutable_tensors, self.generators(), self.own_generators(),
+                                 self.optimizers(), warmup)
+        except RuntimeError as e:  # an op that cannot be captured: train eagerly instead
+            self.graph = None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            dist.print0(f"{label}: no CUDA graph (capture failed: {first[:200]}); the update runs eagerly")
+            return
+        dist.print0(f"{label}: the update is one CUDA graph ({warmup} warm-up steps, then replays)")
+
+    def generators(self):
+        """The generators an update draws from: the device's default one (dropout, the codebook's
+        restarts) and own_generators()."""
+        return [torch.cuda.default_generators[self.d.device.index or 0], *self.own_generators()]
+
+    def own_generators(self):
+        return []
+
+    def mutable_tensors(self):
+        """Every tensor an update changes, for the capture's warm-up to put back."""
+        tensors = [*self.model.state_dict().values(), *self.guard.state().values(), self.guard.found_inf]
+        for opt in self.optimizers():
+            tensors += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+        return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1: VQ autoencoder
+
+
+class VQStep(Step):
+    """Stage 1: the autoencoder's reconstruction + codebook loss (+ PatchGAN when vqvae.use_gan),
+    Adam, the non-finite skip. __call__ -> (loss, grad norm, x, reconstruction)."""
+
+    def __init__(self, cfg, d, images):
+        v, p = cfg.vqvae, cfg.perf
+        self.cfg, self.d, self.images = cfg, d, images
+        self.prec = runtime.precision(p.precision, d.device)
+        self.amp = runtime.autocast(self.prec, d.device)
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
+        self.model = build_vq(v).to(d.device)
+        if p.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = VQLoss(disc_weight=v.disc_weight, disc_start=v.disc_start, lpips_path=v.lpips_path or None,
+                              use_gan=v.use_gan).to(d.device)
+        self.fused = p.fused_adam
+        self.opt = make_optimizer(torch.optim.Adam, self.model.parameters(), v.lr, v.betas, self.fused)
+        self.disc = self.loss_fn.discriminator if v.use_gan else None
+        self.opt_d = (make_optimizer(torch.optim.Adam, self.disc.parameters(), v.lr, v.betas, self.fused)
+                      if self.disc is not None else None)
+        self.guard = NonFiniteGuard(self.prec, d.device, self.fused)
+        self.order = BatchOrder(len(images), v.batch_size, d, cfg.run.seed, images.device)
+        self.params = list(self.model.parameters())
+        self.forward = self.model
+        self.poison = torch.ones((), device=d.device)
+        self.step_now = 0
+
+    def optimizers(self):
+        return [self.opt] + ([self.opt_d] if self.opt_d is not None else [])
+
+    def prepare(self, start):
+        self.forward = compile_model(wrap_ddp(self.model, self.d), self.cfg.perf.compile)
+        gan = "vqvae.use_gan: the GAN's loss changes with the step and its adaptive weight needs eager autograd"
+        refusal = graph_refusal(self.cfg, self.d, self.images, self.fused, gan if self.disc is not None else None)
+        self.capture(start, refusal, "vqvae")
+
+    def set_inputs(self, step):
+        self.step_now = step  # the GAN's start step (never captured)
+        if INJECT_NAN:
+            self.poison.fill_(math.nan if step in INJECT_NAN else 1.0)
+
+    def body(self, x=None):
+        if x is None:
+            x = uint8_to_model(self.images.index_select(0, self.idx).to(self.d.device, non_blocking=True),
+                               self.cfg.perf.channels_last)
+        with self.amp:
+            xrec, qloss, _ = self.forward(x)
+        loss, _ = self.loss_fn.generator_loss(x, xrec.float(), qloss.float(), self.step_now,
+                                              self.model.last_layer_weight())
+        if INJECT_NAN:
+            loss = loss * self.poison
+        self.guard.start()
+        self.opt.zero_grad(set_to_none=True)
+        self.guard.backward(loss)
+        grad_norm = self.guard.step(self.opt, self.params)
+        if self.opt_d is not None:
+            d_loss, _ = self.loss_fn.discriminator_loss(x, xrec.detach().float(), self.step_now)
+            self.opt_d.zero_grad(set_to_none=True)
+            self.guard.backward(d_loss)
+            self.guard.step(self.opt_d, list(self.disc.parameters()))
+        self.guard.update()
+        return loss.detach(), grad_norm, x, xrec.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: concept encoder + latent U-Net
+
+
+@torch.no_grad()
+def encode_latents(vq, images, d, amp, batch=LATENT_BATCH):
+    """Pre-quantisation latents of the whole dataset, computed once: each rank encodes a slice,
+    then all ranks gather the full (N, C, h, w) tensor."""
+    n = len(images)
+    per_rank = math.ceil(n / d.world_size)
+    lo, hi = d.rank * per_rank, min(n, (d.rank + 1) * per_rank)
+    chunks = []
+    for s in tqdm(range(lo, hi, batch), desc="latents", disable=not d.is_main, dynamic_ncols=True):
+        x = uint8_to_model(images[s:min(hi, s + batch)].to(d.device, non_blocking=True))  # (b, 3, 64, 64)
+        with amp:
+            chunks.append(vq.encode(x).float())
+    z = torch.cat(chunks) if chunks else torch.empty(0, device=d.device)
+    if not d.enabled:
+        return z
+    pad = per_rank - z.shape[0]
+    z = torch.cat([z, z.new_zeros(pad, *z.shape[1:])]) if pad else z
+    gathered = [torch.empty_like(z) for _ in range(d.world_size)]
+    torch.distributed.all_gather(gathered, z)
+    return torch.cat(gathered)[:n]  # (N, C, h, w)
+
+
+class EncDiffStep(Step):
+    """Stage 2: the diffusion loss through the concept encoder and the U-Net, AdamW with linear
+    warm-up, the non-finite skip, the EMA. t and the noise are drawn for the whole global batch from
+    one generator seeded alike on every rank and sliced, so N ranks train as one.
+    __call__ -> (loss, grad norm, x)."""
+
+    def __init__(self, cfg, d, images, vq):
+        e, p = cfg.encdiff, cfg.perf
+        self.cfg, self.d, self.images, self.vq = cfg, d, images, vq
+        self.prec = runtime.precision(p.precision, d.device)
+        self.amp = runtime.autocast(self.prec, d.device)
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
+        model = EncDiff(build_encoder(e), build_unet(e, cfg.vqvae.embed_dim, p.attention), build_diffusion(e))
+        model = model.to(d.device)
+        if d.enabled:
+            model.encoder = convert_to_global_bn(model.encoder)  # BN statistics over the global batch
+        if p.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.lr = e.lr * e.batch_size / e.lr_ref_batch  # linear scaling with the global batch
+        self.fused = p.fused_adam
+        lr = torch.tensor(self.lr, device=d.device) if self.fused else self.lr
+        self.opt = make_optimizer(torch.optim.AdamW, model.parameters(), lr, e.betas, self.fused,
+                                  weight_decay=e.weight_decay)
+        self.guard = NonFiniteGuard(self.prec, d.device, self.fused)
+        self.ema_module = model if e.ema_all else model.unet
+        self.ema = EMA(self.ema_module, e.ema_decay)
+        self.noise_gen = torch.Generator(device=d.device).manual_seed(cfg.run.seed)
+        self.order = BatchOrder(len(images), e.batch_size, d, cfg.run.seed, images.device)
+        self.params = list(model.parameters())
+        self.forward = model
+        self.scale, self.latents = None, None
+        self.poison = torch.ones((), device=d.device)
+
+    def optimizers(self):
+        return [self.opt]
+
+    def own_generators(self):
+        return [self.noise_gen]
+
+    def mutable_tensors(self):
+        return super().mutable_tensors() + self.ema.avg
+
+    def prepare(self, start):
+        """Latents (cached: encoded once), the latent scale (measured on the first global batch
+        unless resumed), DDP, compile, the CUDA graph."""
+        if self.cfg.perf.cache_latents:
+            self.latents = encode_latents(self.vq, self.images, self.d, self.amp)
+        if self.scale is None:
+            # 1/std of the latent, measured once on the first global batch (as LDM does) and stored
+            self.scale = 1.0 / self.latents_of(self.order.global_indices(0)).std()
+            dist.print0(f"encdiff: latent scale factor {self.scale.item():.4f}")
+        ddp = wrap_ddp(self.model, self.d, static_graph=True, gradient_as_bucket_view=True, **NO_BUFFER_SYNC)
+        self.forward = compile_model(ddp, self.cfg.perf.compile)
+        self.capture(start, graph_refusal(self.cfg, self.d, self.images, self.fused), "encdiff")
+
+    def latents_of(self, idx, x=None):
+        """(b, C, h, w) pre-quantisation latents of images idx (x: those images, when at hand)."""
+        if self.latents is not None:
+            return self.latents.index_select(0, idx)
+        if x is None:
+            x = uint8_to_model(self.images.index_select(0, idx).to(self.d.device, non_blocking=True))
+        with torch.no_grad(), self.amp:
+            return self.vq.encode(x).float()
+
+    def set_inputs(self, step):
+        e = self.cfg.encdiff
+        factor = lr_factor(step, e.warmup_steps)
+        for g in self.opt.param_groups:
+            if torch.is_tensor(g["lr"]):
+                g["lr"].fill_(self.lr * factor)
+            else:
+                g["lr"] = self.lr * factor
+        self.ema.set_update(step + 1)
+        if INJECT_NAN:
+            self.poison.fill_(math.nan if step in INJECT_NAN else 1.0)
+
+    def body(self, x=None):
+        e, cl = self.cfg.encdiff, self.cfg.perf.channels_last
+        if x is None:
+            x = uint8_to_model(self.images.index_select(0, self.idx).to(self.d.device, non_blocking=True), cl)
+        z0 = self.latents_of(self.idx, x) * self.scale
+        lo, hi = self.d.rank * self.order.local, (self.d.rank + 1) * self.order.local
+        t = self.model.diffusion.sample_timesteps(e.batch_size, self.noise_gen, self.d.device)[lo:hi]
+        noise = torch.randn((e.batch_size, *z0.shape[1:]), device=self.d.device, generator=self.noise_gen)[lo:hi]
+        if cl:
+            z0, noise = z0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+        with self.amp:
+            loss = self.forward(x, z0, t, noise)
+        if INJECT_NAN:
+            loss = loss * self.poison
+        self.guard.start()
+        self.opt.zero_grad(set_to_none=True)
+        self.guard.backward(loss)
+        grad_norm = self.guard.step(self.opt, self.params)
+        self.guard.update()
+        self.ema.apply()
+        return loss.detach(), grad_norm, x
+
