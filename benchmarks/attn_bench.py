@@ -8,7 +8,8 @@ A shape is B,Lq,Lk,heads,d. Every backend's output and gradients are first check
 then forward and forward+backward are timed with CUDA events (L2 flushed before each run, median
 of many runs). Reported: ms, GB/s of the minimum bytes (inputs read once, outputs written once),
 that as a fraction of the device's copy bandwidth measured in this run, TFLOP/s (model FLOPs: two
-matmuls forward, four backward), and the speedup over sdpa and xformers. A Markdown table goes to
+matmuls forward, four backward), and the speedup over sdpa and xformers; also each call's time as a
+replay of a CUDA graph, the GPU's time without any host overhead. A Markdown table goes to
 stdout, everything to --json PATH. Without CUDA it says so, runs the check through the Triton
 interpreter at small shapes, and exits 0 (1 if a check fails).
 """
@@ -125,6 +126,33 @@ def cuda_time_ms(fn, warmup, reps, flush=None):
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def graph_time_ms(fn, reps):
+    """Median milliseconds of one replay of fn() recorded in a CUDA graph: the GPU's time alone, with
+    no Python or launch overhead at all (as in a captured training step). None when fn cannot be
+    captured (the reason is returned instead)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as e:
+        return None, str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    graph.replay()
+    for start, end in zip(starts, ends):
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), None
+
+
 def copy_bandwidth_gbs(reps):
     """Device-to-device copy of 1 GiB: bytes read plus bytes written per second."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -148,8 +176,10 @@ def time_backends(site, B, dtype, layout, names, warmup, reps, flush):
         timed = {"fwd": fwd, "fwd+bwd": lambda: forward_and_grads(name, q, k, v, heads, do)}
         for mode, fn in timed.items():
             ms = cuda_time_ms(fn, warmup, reps, flush)
+            ms_graph, graph_error = graph_time_ms(fn, reps)
             rows.append(dict(site=site[0], batch=B, Lq=Lq, Lk=Lk, heads=heads, d=d, backend=name, mode=mode,
-                             ms=ms, gbs=nbytes[mode] / (ms * 1e-3) / 1e9, tflops=flops[mode] / (ms * 1e-3) / 1e12))
+                             ms=ms, gbs=nbytes[mode] / (ms * 1e-3) / 1e9, tflops=flops[mode] / (ms * 1e-3) / 1e12,
+                             ms_graph=ms_graph, graph_error=graph_error))
     return rows
 
 
@@ -164,12 +194,14 @@ def add_comparisons(rows, copy_gbs):
 
 
 def markdown_table(rows):
-    head = "| site | batch | mode | backend | auto | ms | GB/s | % copy BW | TFLOP/s | x sdpa | x xformers |"
+    head = ("| site | batch | mode | backend | auto | ms | ms in a CUDA graph | GB/s | % copy BW | TFLOP/s | x sdpa | "
+            "x xformers |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     for r in rows:
+        graphed = "-" if r["ms_graph"] is None else f"{r['ms_graph']:.4f}"
         lines.append(f"| {r['site']} | {r['batch']} | {r['mode']} | {r['backend']} | {'*' if r['auto'] else ''} | "
-                     f"{r['ms']:.4f} | {r['gbs']:.0f} | {100 * r['copy_fraction']:.1f} | {r['tflops']:.2f} | "
+                     f"{r['ms']:.4f} | {graphed} | {r['gbs']:.0f} | {100 * r['copy_fraction']:.1f} | {r['tflops']:.2f} | "
                      f"{fmt(r['vs_sdpa'])} | {fmt(r['vs_xformers'])} |")
     return "\n".join(lines)
 

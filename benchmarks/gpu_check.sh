@@ -15,6 +15,9 @@
 #   attn_bench   benchmarks/attn_bench.py --quick                                -> attn_bench.json
 #   train_bench  benchmarks/train_bench.py, default model, batch 128: every eager switch of both
 #                stages (compiled rows left out)                                 -> train_bench.json
+#   profile      train_bench.py --profile of both stages, batch 128, compile off: the update eager
+#                (perf.cuda_graph = false, the step before the graph) and as one CUDA graph
+#                                                                                -> profile.json
 #   train_bench_all  stage 2 baseline and "all" (torch.compile: ~3 min to the first step on an H200)
 #                                                                                -> train_bench_all.json
 #   data         the small grid of the bundled data (python -m encdiff.data.synth --grid small)
@@ -54,7 +57,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2  # the repo root
 LOG="$OUT_DIR/log.txt"
 : >"$LOG"
 # no file of an earlier run may pass for this one's
-rm -f "$WORK"/logs/*.log "$OUT_DIR"/{env.txt,summary.md,attn_bench.json,train_bench.json,train_bench_all.json,metrics.json}
+rm -f "$WORK"/logs/*.log "$OUT_DIR"/{env.txt,summary.md,attn_bench.json,train_bench.json,train_bench_all.json,profile.json,metrics.json}
 
 # ------------------------------------------------------------------------------------------------
 # the parts (each runs in its own bash under timeout; `run` shows a command, and runs it unless dry)
@@ -112,7 +115,7 @@ part_attn_bench() {
   run "$PY" benchmarks/attn_bench.py --quick --json "$OUT_DIR/attn_bench.json"
 }
 
-EAGER_ROWS="baseline,bf16,channels_last,attention auto,attention triton,attention sdpa,attention xformers,fused AdamW,TF32,cached latents,dataset on device,grad checkpointing off"
+EAGER_ROWS="baseline,bf16,channels_last,attention auto,attention triton,attention sdpa,attention xformers,fused AdamW,TF32,cached latents,dataset on device,grad checkpointing off,CUDA graph"
 export EAGER_ROWS
 
 part_train_bench() {
@@ -120,6 +123,20 @@ part_train_bench() {
   # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS holds several arguments on purpose
   run "$PY" benchmarks/train_bench.py --quick --stages encdiff,vqvae --batch 128 --warmup 2 --steps 6 \
     --configs "$EAGER_ROWS" --budget $((PART_BUDGET - 10)) --json "$OUT_DIR/train_bench.json" $GPU_CHECK_BENCH_ARGS
+}
+
+part_profile() {
+  # the update eager (perf.cuda_graph = false: the step before the graph), then captured; compile off
+  # (its cost is train_bench_all's); both reports go into one file (at most 8 files come back)
+  local mode
+  for mode in eager graph; do
+    # shellcheck disable=SC2086
+    run "$PY" benchmarks/train_bench.py --profile "$WORK/profile_$mode" --stages encdiff,vqvae --batch 128 \
+      --warmup 3 --steps 3 --perf.compile=off --perf.cuda_graph="$([ $mode = graph ] && echo true || echo false)" \
+      --json "$WORK/profile_$mode.json" $GPU_CHECK_BENCH_ARGS || return 1
+  done
+  run "$PY" -c 'import json, sys; json.dump({m: json.load(open(f"{sys.argv[1]}/profile_{m}.json")) for m in ("eager", "graph")}, open(sys.argv[2], "w"), indent=1)' \
+    "$WORK" "$OUT_DIR/profile.json"
 }
 
 part_train_bench_all() {
@@ -147,8 +164,8 @@ part_evaluate() {
     run cp "$WORK/eval/metrics.json" "$OUT_DIR/metrics.json"
 }
 
-export -f run part_env part_wheels part_gpu_tests part_attn_bench part_train_bench part_train_bench_all part_data part_train \
-  part_evaluate
+export -f run part_env part_wheels part_gpu_tests part_attn_bench part_train_bench part_profile part_train_bench_all \
+  part_data part_train part_evaluate
 
 # ------------------------------------------------------------------------------------------------
 # running the parts within the budget
@@ -208,21 +225,22 @@ if [ -d "$WHEELS" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
 else
   skip wheels "no $WHEELS/*.whl (xformers is tested only when carried as wheels)"
 fi
-part env 20
+part env 15
 
-GPU_PARTS=(gpu_tests attn_bench train_bench train_bench_all data train evaluate)
+GPU_PARTS=(gpu_tests attn_bench train_bench profile train_bench_all data train evaluate)
 if [ "$GPU_CHECK_DRY" = 0 ] && [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   for name in "${GPU_PARTS[@]}"; do skip "$name" "no CUDA device ($PY: torch.cuda.is_available() is False)"; done
 else
-  part gpu_tests 55
-  part attn_bench 35
-  part train_bench 75
-  part train_bench_all 185
+  part gpu_tests 50
+  part attn_bench 40
+  part train_bench 55
+  part profile 45
+  part train_bench_all 180
   part data 5
-  if [ "$(status_of data)" = ok ]; then part train 40; else skip train "no data (the data part did not pass)"; fi
+  if [ "$(status_of data)" = ok ]; then part train 35; else skip train "no data (the data part did not pass)"; fi
   # a timed-out train.py still leaves a checkpoint (it saves one on SIGTERM): evaluate that
   if [ "$(status_of train)" = ok ] || compgen -G "$WORK/run/encdiff/ckpt_*.safetensors" >/dev/null; then
-    part evaluate 35
+    part evaluate 30
   else
     skip evaluate "no EncDiff checkpoint (the train part did not get that far)"
   fi
@@ -240,6 +258,13 @@ result_of() {  # one line of what a part found, read from its log and files
     gpu_tests) grep -E '[0-9]+ (passed|failed|error|skipped|deselected)|no tests ran' "$log" | tail -n1 ;;
     attn_bench) grep -E '^target |SOME CHECKS FAILED|all checks passed' "$log" | tail -n1 ;;
     train_bench) grep -cE '^ *(encdiff|vqvae) \| .* img/s' "$log" | sed 's/$/ eager rows measured (the tables are in train_bench.json)/' ;;
+    profile) [ -f "$OUT_DIR/profile.json" ] && "$PY" -c '
+import json, sys
+p, out = json.load(open(sys.argv[1])), []
+for s in p["eager"]["profile"]:
+    e, g = (sum(r["wall_ms"] for r in p[m]["profile"][s]["steps"]) / len(p[m]["profile"][s]["steps"]) for m in ("eager", "graph"))
+    out.append(f"{s}: {e:.1f} ms/step eager, {g:.1f} ms graphed")
+print("; ".join(out))' "$OUT_DIR/profile.json" 2>/dev/null ;;
     train_bench_all) grep -E '^target: ' "$log" | tail -n1 ;;
     data) grep '^wrote ' "$log" | tail -n1 ;;
     train) [ -f "$WORK/run/encdiff/log.jsonl" ] && "$PY" -c '
