@@ -219,21 +219,48 @@ NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in i
 # the CUDA graph
 
 
+def optimizer_state(opt):
+    """The optimiser's state tensors (moments, step counts) in a fixed order; [] before its first step."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return [v for p in params for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]
+
+
+class Snapshot:
+    """What a few updates change, kept so that they can be undone: tensors() (weights, buffers, EMA,
+    the guard's), the optimisers' state and the generators'."""
+
+    def __init__(self, tensors, optimizers, generators):
+        self.tensors, self.optimizers, self.generators = tensors, optimizers, generators
+        self.saved = [t.detach().clone() for t in tensors()]
+        self.saved_optimizers = [[t.detach().clone() for t in optimizer_state(opt)] for opt in optimizers]
+        self.rng = [g.get_state() for g in generators]
+
+    @torch.no_grad()
+    def restore(self):
+        for t, s in zip(self.tensors(), self.saved, strict=True):
+            t.copy_(s)
+        for opt, before in zip(self.optimizers, self.saved_optimizers):
+            now = optimizer_state(opt)
+            if not before:  # a fresh Adam: its state starts at zero (step 0, zero moments)
+                for t in now:
+                    t.zero_()
+            for t, s in zip(now, before, strict=bool(before)):
+                t.copy_(s)
+        for g, s in zip(self.generators, self.rng):
+            g.set_state(s)
+
+
 class Graphed:
     """Records `body()` once in a CUDA graph and replays it.
 
     Before the capture `body` runs eagerly a few times on a side stream (allocator, cuDNN, DDP's
-    buckets and torch.compile settle there); everything those steps changed (`tensors()`, the
-    generators) is then put back, so the first real update is the first replay and a run trains
-    exactly as if the warm-up never happened. A replay fills the same output tensors again."""
+    buckets and torch.compile settle there); everything those steps changed is then put back
+    (Snapshot), so the first real update is the first replay and a run trains exactly as if the
+    warm-up never happened. A replay fills the same output tensors again."""
 
-    def __init__(self, body, tensors, generators, own_generators, optimizers, warmup):
-        """tensors() -> what an update changes; generators: every one it draws from (put back after
-        the warm-up); own_generators: those besides the device's default one, which the graph must
-        be told about (the default one it knows)."""
-        saved = [t.detach().clone() for t in tensors()]
-        fresh_optimizers = [not opt.state for opt in optimizers]
-        rng = [g.get_state() for g in generators]
+    def __init__(self, body, snapshot, own_generators, warmup):
+        """own_generators: the generators body draws from besides the device's default one, which
+        the graph must be told about (the default one it knows)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -243,26 +270,17 @@ class Graphed:
         self.graph = torch.cuda.CUDAGraph()
         for g in own_generators:
             self.graph.register_generator_state(g)
-        for opt in optimizers:  # the fused kernel is the same either way; the flag passes step()'s capture check
+        for opt in snapshot.optimizers:  # the fused kernel is the same either way; the flag passes step()'s check
             for group in opt.param_groups:
                 group["capturable"] = True
         try:
             with torch.cuda.graph(self.graph):
                 self.out = body()
         finally:
-            for opt in optimizers:
+            for opt in snapshot.optimizers:
                 for group in opt.param_groups:
                     group["capturable"] = False
-            with torch.no_grad():
-                for t, s in zip(tensors(), saved):
-                    t.copy_(s)
-                for opt, fresh in zip(optimizers, fresh_optimizers):
-                    if fresh:  # Adam's state starts at zero (step 0, zero moments)
-                        for state in opt.state.values():
-                            for v in state.values():
-                                v.zero_()
-            for g, s in zip(generators, rng):
-                g.set_state(s)
+            snapshot.restore()
 
     def replay(self):
         self.graph.replay()
@@ -312,10 +330,11 @@ class Step:
         self.idx = self.order.indices(start).clone()  # the static index buffer of the replays
         self.set_inputs(start)
         warmup = WARMUP_STEPS_DDP if self.d.enabled else WARMUP_STEPS
+        snapshot = Snapshot(self.mutable_tensors, self.optimizers(), self.generators())
         try:
-            self.graph = Graphed(self.body, self.mutable_tensors, self.generators(), self.own_generators(),
-                                 self.optimizers(), warmup)
+            self.graph = Graphed(self.body, snapshot, self.own_generators(), warmup)
         except RuntimeError as e:  # an op that cannot be captured: train eagerly instead
+            snapshot.restore()
             self.graph = None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             dist.print0(f"{label}: no CUDA graph (capture failed: {first[:200]}); the update runs eagerly")
@@ -331,11 +350,9 @@ class Step:
         return []
 
     def mutable_tensors(self):
-        """Every tensor an update changes, for the capture's warm-up to put back."""
-        tensors = [*self.model.state_dict().values(), *self.guard.state().values(), self.guard.found_inf]
-        for opt in self.optimizers():
-            tensors += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
-        return tensors
+        """Every tensor an update changes besides the optimisers' state, for the capture's warm-up to
+        put back."""
+        return [*self.model.state_dict().values(), *self.guard.state().values(), self.guard.found_inf]
 
 
 # ---------------------------------------------------------------------------------------------

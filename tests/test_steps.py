@@ -194,6 +194,35 @@ def test_optimizer_moments_keep_the_channels_last_layout_after_loading():
     assert torch.is_tensor(other.param_groups[0]["lr"])  # still the tensor a captured step reads
 
 
+@pytest.mark.parametrize("stage", ["vqvae", "encdiff"])
+@pytest.mark.parametrize("steps_before", [0, 2])
+def test_the_capture_warmup_is_undone_exactly(tiny_data, stage, steps_before):
+    """What a CUDA graph's warm-up does to the training state (weights, optimiser, EMA, generators)
+    is put back, for a fresh optimiser and for one with state (a resumed run)."""
+    cfg = tiny_config(tiny_data)
+    images = dataset_tensor(cfg)
+
+    def trained(warmup):
+        st = stage_steps(cfg, images)[stage]
+        st.prepare(0)
+        for i in range(steps_before):
+            st(i)
+        if warmup:
+            snapshot = steps.Snapshot(st.mutable_tensors, st.optimizers(), st.own_generators())
+            for _ in range(3):
+                st(steps_before)
+            snapshot.restore()
+        for i in range(steps_before, steps_before + 2):
+            st(i)
+        return st
+
+    a, b = trained(False), trained(True)
+    for x, y in zip(a.mutable_tensors(), b.mutable_tensors(), strict=True):
+        assert torch.equal(x, y)
+    for x, y in zip(steps.optimizer_state(a.opt), steps.optimizer_state(b.opt), strict=True):
+        assert torch.equal(x, y)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA: the captured update
 
