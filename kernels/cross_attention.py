@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from encdiff.errors import UserError
-from kernels.reference import check_inputs, reference_attention  # noqa: F401  (the reference, beside the kernel)
+from kernels.reference import BackendUnavailable, check_inputs
 
 MAX_KEYS = 64  # all keys of one (batch, head) live in one register tile
 MAX_HEAD_DIM = 64
@@ -162,20 +161,19 @@ def _check(q, k, v, heads):
     check_inputs(q, k, v, heads)
     reason = unsupported_reason(q, k, v, heads)
     if reason is not None:
-        raise UserError(f"triton attention cannot run: {reason}")
+        raise BackendUnavailable(f"triton attention cannot run: {reason}")
 
 
 def _check_out(name, out, shape, like):
     if out.shape != shape or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
-        raise UserError(f"{name}: expected a contiguous {like.dtype} tensor of shape {tuple(shape)} on {like.device}, "
-                        f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        raise ValueError(f"{name}: expected a contiguous {like.dtype} tensor of shape {tuple(shape)} on {like.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
 
 
 def _block_sizes(Lq, Lk, d):
     """(BLOCK_M, BLOCK_N, BLOCK_D). tl.dot needs every dimension >= 16, so short key sets and head
     dim 8 are padded in registers (masked loads read nothing for the padding). BLOCK_M and
-    num_warps are untuned: on an H200 the forward ran at 15-22% of copy bandwidth (2026-11-28), and
-    the backward at Lq <= 64 had a near-constant 0.2-0.4 ms cost (benchmarks/RESULTS.md)."""
+    num_warps are untuned guesses (benchmarks/RESULTS.md, "Attention kernels", has what they give)."""
     BLOCK_N = max(16, triton.next_power_of_2(Lk))
     BLOCK_D = max(16, triton.next_power_of_2(d))
     BLOCK_M = max(16, min(64, triton.next_power_of_2(Lq)))
@@ -225,7 +223,7 @@ def attention_backward(do, q, k, v, heads, dq=None, dk=None, dv=None):
     Recomputes the softmax; deterministic. Returns contiguous tensors (or fills the given ones)."""
     _check(q, k, v, heads)
     if do.shape != q.shape or do.dtype != q.dtype or do.device != q.device:
-        raise UserError(f"output gradient: expected {q.dtype} {tuple(q.shape)}, got {do.dtype} {tuple(do.shape)}")
+        raise ValueError(f"output gradient: expected {q.dtype} {tuple(q.shape)}, got {do.dtype} {tuple(do.shape)}")
     if do.stride(2) != 1:  # e.g. the stride-0 gradient of a sum()
         do = do.contiguous()
     B, Lq, C = q.shape
@@ -261,7 +259,7 @@ def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("encdiff::short_kv_attention_fwd", mutates_args=())
+@torch.library.custom_op("kernels::short_kv_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     return attention_forward(*[_unit_last_stride(t) for t in (q, k, v)], heads)
 
@@ -271,7 +269,7 @@ def _(q, k, v, heads):
     return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("encdiff::short_kv_attention_bwd", mutates_args=())
+@torch.library.custom_op("kernels::short_kv_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(do, *[_unit_last_stride(t) for t in (q, k, v)], heads)

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from encdiff.errors import UserError
-from kernels.reference import check_inputs, reference_attention
+from kernels.reference import BackendUnavailable, check_inputs, reference_attention
 
 try:
     from kernels import cross_attention
@@ -32,14 +31,11 @@ SDPA_PINS = {
 }
 BACKENDS = ("triton", "xformers", "sdpa", *SDPA_PINS, "math")
 
-# The rule `auto` follows, from benchmarks/attn_bench.py on an NVIDIA H200 (torch 2.11, triton 3.6,
-# bf16, 2026-11-28; the table is in benchmarks/RESULTS.md). The fused kernel was the fastest at
-# the 16x16 cross-attention (256 queries, 20 keys, head dim 8): 3.8x sdpa forward+backward at batch
-# 128, 4.7x at 1024. At 64 queries and fewer (the 8x8, 4x4 and 2x2 levels, head dim 16-32) its
-# forward was still 2-5x faster, but its backward cost a near-constant 0.2-0.4 ms whatever the
-# batch, so forward+backward ran at 0.2-1.7x sdpa's memory-efficient kernel: training goes to sdpa
-# there until that backward is understood. Self-attention at 16x16 (256 keys) is sdpa's. On the
-# CPU the Triton interpreter is for tests only, so it is never picked.
+# The rule `auto` follows, from benchmarks/attn_bench.py on CUDA (the measurements are in
+# benchmarks/RESULTS.md, "Attention kernels"): the fused kernel only where it won forward+backward,
+# short keys with many queries (the 16x16 cross-attention); sdpa everywhere else on CUDA, including
+# the short query sets where the fused backward loses. On the CPU the Triton interpreter is for
+# tests only, so it is never picked.
 # Each row: (device type or None for any, max Lk or None, min Lq or None, backends in order of
 # preference). The first row matching the call is used, and the first of its backends that can run.
 AUTO_RULE = (
@@ -208,14 +204,15 @@ def choose_backend(q, k, v, heads):
 def attention(q, k, v, heads, *, backend="auto"):
     """Multi-head attention without mask, scale d**-0.5. q: (B, Lq, heads*d); k, v: (B, Lk,
     heads*d), any strides (the last one 1 for the fused kernels) -> (B, Lq, heads*d).
-    backend: "auto" or one of BACKENDS; a forced backend that cannot run raises UserError."""
+    backend: "auto" or one of BACKENDS. Invalid inputs or an unknown backend name raise ValueError;
+    a forced backend that cannot run on these inputs here raises BackendUnavailable."""
     check_inputs(q, k, v, heads)
     if backend == "auto":
         backend = choose_backend(q, k, v, heads)
     elif backend not in RUNS:
-        raise UserError(f"unknown attention backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown attention backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}")
     else:
         reason = REASONS[backend](q, k, v, heads)
         if reason is not None:
-            raise UserError(f"attention backend {backend!r} cannot run: {reason}")
+            raise BackendUnavailable(f"attention backend {backend!r} cannot run: {reason}")
     return RUNS[backend](q, k, v, heads)

@@ -1,24 +1,28 @@
-"""What attention means here: the input contract every backend shares and the plain PyTorch
-definition every backend is tested against. Imports without Triton."""
+"""What attention means here: the input contract every backend shares, the error a backend that
+cannot run raises, and the plain PyTorch definition every backend is tested against. Imports
+without Triton, so kernels/cross_attention.py and kernels/dispatch.py can both use it."""
 import torch
 
-from encdiff.errors import UserError
+
+class BackendUnavailable(RuntimeError):
+    """A backend cannot run on these inputs here (no CUDA, no library, a shape it does not take):
+    the inputs themselves are valid, another backend can take them."""
 
 
 def check_inputs(q, k, v, heads):
-    """Raise UserError unless q is (B, Lq, C), k and v are (B, Lk, C) with Lk >= 1, heads divides C,
+    """Raise ValueError unless q is (B, Lq, C), k and v are (B, Lk, C) with Lk >= 1, heads divides C,
     and q, k, v share one floating dtype and one device."""
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise UserError(f"attention expects q (B, Lq, C) and k, v (B, Lk, C); got {shapes}")
+        raise ValueError(f"attention expects q (B, Lq, C) and k, v (B, Lk, C); got {shapes}")
     if k.shape[1] < 1:
-        raise UserError(f"attention needs at least one key; got {shapes}")
+        raise ValueError(f"attention needs at least one key; got {shapes}")
     if not isinstance(heads, int) or heads < 1 or q.shape[2] % heads:
-        raise UserError(f"attention: heads={heads!r} must be a positive integer dividing the {q.shape[2]} channels")
+        raise ValueError(f"attention: heads={heads!r} must be a positive integer dividing the {q.shape[2]} channels")
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        raise UserError(f"attention: q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"attention: q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise UserError(f"attention: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"attention: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
 
 
 def reference_attention(q, k, v, heads):

@@ -11,7 +11,7 @@ import torch
 
 import kernels
 from encdiff.errors import UserError
-from kernels import cross_attention
+from kernels import BackendUnavailable, cross_attention
 from kernels.dispatch import AUTO_RULE, BACKENDS, auto_candidates
 from kernels.reference import reference_attention
 
@@ -176,12 +176,14 @@ def test_every_runnable_backend_matches_math(Lq, Lk, heads, d):
 
 def test_forced_backend_that_cannot_run_raises_its_reason():
     _, _, q, k, v = fused_inputs(1, 4, 65, 2, 8, torch.float32)
-    with pytest.raises(UserError, match="'triton' cannot run: 65 keys"):
+    with pytest.raises(BackendUnavailable, match="'triton' cannot run: 65 keys"):
         kernels.attention(q, k, v, 2, backend="triton")
-    with pytest.raises(UserError, match="unknown attention backend 'flash'"):
+    with pytest.raises(BackendUnavailable, match="triton attention cannot run: 65 keys"):
+        cross_attention.attention_forward(q, k, v, 2)
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         kernels.attention(q, k, v, 2, backend="flash")
     if DEVICE == "cpu":
-        with pytest.raises(UserError, match="'sdpa_flash' cannot run: needs CUDA"):
+        with pytest.raises(BackendUnavailable, match="'sdpa_flash' cannot run: needs CUDA"):
             kernels.attention(q, k, v, 2, backend="sdpa_flash")
 
 
@@ -192,15 +194,38 @@ def test_forced_backend_that_cannot_run_raises_its_reason():
     (((2, 4, 16), (2, 0, 16), (2, 0, 16)), 2, "at least one key"),
     (((2, 4, 16), (2, 5, 16), (2, 5, 16)), 3, "heads=3"),
 ])
-def test_bad_inputs_raise_user_error(shapes, heads, match):
+def test_bad_inputs_raise_value_error(shapes, heads, match):
     q, k, v = [torch.randn(s) for s in shapes]
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(ValueError, match=match):
         kernels.attention(q, k, v, heads)
 
 
-def test_mixed_dtypes_raise_user_error():
-    with pytest.raises(UserError, match="dtype"):
+def test_mixed_dtypes_raise_value_error():
+    with pytest.raises(ValueError, match="dtype"):
         kernels.attention(torch.randn(2, 4, 16), torch.randn(2, 5, 16).half(), torch.randn(2, 5, 16), 2)
+
+
+def test_bad_output_buffer_raises_value_error():
+    _, _, q, k, v = fused_inputs(1, 4, 5, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match="out: expected a contiguous"):
+        cross_attention.attention_forward(q, k, v, 2, out=torch.empty(1, 4, 8, device=DEVICE))
+
+
+def test_custom_ops_live_in_the_kernels_namespace():
+    assert callable(torch.ops.kernels.short_kv_attention_fwd) and callable(torch.ops.kernels.short_kv_attention_bwd)
+
+
+def test_kernels_import_without_encdiff():
+    """kernels/ is a standalone package: it imports, and runs attention, with encdiff unimportable.
+    The backend is forced to triton because dispatch turns a failed import of cross_attention into
+    "triton unavailable" rather than an error."""
+    code = ("import sys; sys.modules['encdiff'] = None\n"  # None in sys.modules: any import of it fails
+            "import torch, kernels\n"
+            "q = torch.randn(1, 4, 16)\n"
+            "assert kernels.attention(q, q, q, 2, backend='triton').shape == q.shape")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import kernels
 from encdiff.errors import UserError
 from encdiff.models.encoder import ConceptEncoder, EncResBlock
-from encdiff.models.unet import SpatialTransformer, UNet, record_cross_attention
+from encdiff.models.unet import Attention, SpatialTransformer, UNet, record_cross_attention
 from encdiff.models.vqvae import VectorQuantizer, VQModel
 
 
@@ -305,8 +305,20 @@ def test_unet_inductor_matches_eager():
 
 @pytest.mark.parametrize("kw", [dict(num_heads=5), dict(attention_levels=(2,))])
 def test_unet_bad_config(kw):
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):  # a programming error: the config check reaches users first
         tiny_unet(**kw)
+
+
+def test_unet_triton_backend_is_for_cross_attention_only():
+    """Built with "triton" or switched to it: the same per-layer backends (self-attention has up
+    to 256 keys, past the short-key kernel)."""
+    def backends(unet):
+        return [(m.is_cross, m.backend) for m in unet.modules() if isinstance(m, Attention)]
+    built = backends(tiny_unet(attn_backend="triton"))
+    switched = tiny_unet()
+    switched.set_attn_backend("triton")
+    assert built == backends(switched)
+    assert set(built) == {(True, "triton"), (False, "auto")}
 
 
 @pytest.mark.gpu

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from encdiff.errors import UserError
 
 
 def group_norm(channels, eps=1e-5):
@@ -101,7 +100,7 @@ class Attention(nn.Module):
     def attention_recorded(self, q, k, v):
         """Plain math attention that also stores the softmax (B, heads, Lq, Lk)."""
         B, Lq, C = q.shape
-        Lk, d = k.shape[1], C // self.heads
+        d = C // self.heads
         qh, kh, vh = (t.reshape(B, -1, self.heads, d).transpose(1, 2).float() for t in (q, k, v))  # (B, H, L, d)
         w = torch.softmax(qh @ kh.transpose(-1, -2) * d**-0.5, dim=-1)  # (B, H, Lq, Lk)
         self.recorder.append(w.detach())
@@ -180,20 +179,21 @@ class UNet(nn.Module):
                  num_res_blocks=2, attention_levels=(0, 1, 2), num_heads=8, context_dim=16,
                  dropout=0.0, grad_checkpoint=False, attn_backend="auto"):
         super().__init__()
+        # Programming invariants: encdiff/config.py gives the user the one-line error first.
         widths = [model_channels * m for m in channel_mult]
         for level in attention_levels:
             if not 0 <= level < len(channel_mult):
-                raise UserError(f"unet.attention_levels: level {level} does not exist "
-                                f"(channel_mult has {len(channel_mult)} levels)")
+                raise ValueError(f"unet.attention_levels: level {level} does not exist "
+                                 f"(channel_mult has {len(channel_mult)} levels)")
         for c in {widths[lvl] for lvl in attention_levels} | {widths[-1]}:
             if c % num_heads:
-                raise UserError(f"unet.num_heads={num_heads} does not divide the attention width {c}")
+                raise ValueError(f"unet.num_heads={num_heads} does not divide the attention width {c}")
         self.model_channels = model_channels
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         def transformer(ch):
-            return SpatialTransformer(ch, num_heads, context_dim, dropout, grad_checkpoint, attn_backend)
+            return SpatialTransformer(ch, num_heads, context_dim, dropout, grad_checkpoint)
 
         self.input_blocks = nn.ModuleList([Stage([nn.Conv2d(in_channels, model_channels, 3, padding=1)])])
         skip_widths, ch = [model_channels], model_channels
@@ -224,6 +224,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(Stage(layers))
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        self.set_attn_backend(attn_backend)  # one place knows what "triton" means per layer
 
     def set_attn_backend(self, backend):
         """The attention backend of every layer. "triton" is the short-key kernel: it serves the
