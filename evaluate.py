@@ -21,13 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
+from encdiff import runtime
+from encdiff.artifacts import load_trained
 from encdiff.config import split_args
 from encdiff.errors import UserError, exit_on_user_error
-from encdiff.evaluation import (describe_data, encode_dataset, fid_of_samples, format_table, load_trained,
-                                open_eval_dataset, picture_indices, picture_settings, random_encoder, save_pictures,
-                                score_codes)
+from encdiff.evaluation import (describe_data, encode_dataset, fid_of_samples, format_table, open_eval_dataset,
+                                random_encoder, score_codes)
+from encdiff.pictures import picture_indices, picture_settings, save_pictures
 from encdiff.fid import HOW_TO_PROVIDE, load_inception
 from encdiff.metrics import metric_names
 
@@ -72,9 +73,7 @@ def main(argv=None):
     cfg = trained.cfg
     names = requested or metric_names(cfg.eval.metrics)
     quick, seed = args.quick or cfg.eval.quick, cfg.eval.seed
-    if trained.device.type == "cuda" and cfg.perf.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    runtime.set_tf32(trained.device, cfg.perf.tf32)
     # a bad weights file fails here, before any long work
     inception = load_inception(cfg.eval.inception_path, trained.device) if cfg.eval.inception_path else None
     ds = open_eval_dataset(trained)

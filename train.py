@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from encdiff import artifacts, dist, runtime
+from encdiff import artifacts, dist, pictures, runtime
 from encdiff import checkpoint as ckpt
 from encdiff.config import check_resumable, from_toml_text, parse_args, to_toml
 from encdiff.data import ensure_synth3d, load_all, open_dataset
 from encdiff.errors import UserError, exit_on_user_error
-from encdiff.images import save_grid
 from encdiff.models.encdiff import count_params
 from encdiff.steps import EncDiffStep, VQStep, Window, lr_factor
 
@@ -248,8 +247,7 @@ def train_vqvae(cfg, d, images, out_dir, vote):
         win.add(loss, grad_norm, v.batch_size)
         done = step + 1
         if d.is_main and (done % r.image_every == 0 or (done == v.steps and r.image_every <= v.steps)):
-            with torch.no_grad():
-                save_grid(torch.cat([x[:8], xrec[:8].float()]), stage_dir / f"recon_{done:08d}.png", nrow=8, scale=2)
+            pictures.save_vq_reconstructions(x[:8], xrec[:8], stage_dir / f"recon_{done:08d}.png")
         if end_of_step(done, v.steps, r, d, win, v.lr, stage_dir, bar, vote, save):
             return True
     bar.close()
@@ -294,32 +292,13 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
         win.add(loss, grad_norm, e.batch_size)
         done = step + 1
         if d.is_main and (done % r.image_every == 0 or (done == e.steps and r.image_every <= e.steps)):
-            save_samples(st, x[:8], cfg, stage_dir / f"samples_{done:08d}.png")
+            pictures.save_reconstructions(artifacts.trained_from_step(st), x[:8], stage_dir / f"samples_{done:08d}.png",
+                                          steps=min(50, cfg.eval.ddim_steps), seed=done)
         if end_of_step(done, e.steps, r, d, win, st.lr * lr_factor(step, e.warmup_steps), stage_dir, bar, vote, save):
             return True
     bar.close()
     dist.barrier()
     return False
-
-
-@torch.no_grad()
-def save_samples(st, x, cfg, path):
-    """input | VQ reconstruction | DDIM sample from the EMA U-Net conditioned on the image's tokens."""
-    import copy
-
-    model, vq = st.model, st.vq
-    was_training = model.training
-    model.eval()
-    sampler = copy.deepcopy(model)
-    ema_module = sampler if st.ema_module is model else sampler.unet
-    ema_module.load_state_dict(st.ema.state_dict(), strict=False)
-    z = vq.encode(x.float())
-    with st.amp:
-        _, tokens = sampler.encoder(x)
-        z_s = sampler.diffusion.ddim_sample(sampler.unet, z.shape, tokens, steps=min(50, cfg.eval.ddim_steps), eta=1.0)
-    sample = vq.decode(z_s.float() / st.scale)
-    save_grid(torch.cat([x, vq.decode(z), sample]).float(), path, nrow=x.shape[0], scale=2)
-    model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def main(argv=None):
     if args.bins < 2 or args.batch < 1:
         raise UserError(f"--bins {args.bins} must be >= 2 and --batch {args.batch} >= 1")
 
-    from encdiff.evaluation import encode_dataset, load_trained, open_eval_dataset  # torch only when run
+    from encdiff.artifacts import load_trained  # torch only when run
+    from encdiff.evaluation import encode_dataset, open_eval_dataset
 
     trained = load_trained(args.checkpoint)
     ds = open_eval_dataset(trained)

@@ -5,6 +5,8 @@
     vq, path = frozen_vq(cfg, out_dir, device)         # stage 2's frozen first stage
     save_encdiff(path, step, enc_step, cfg, vq_source, factor_sizes)
     load_encdiff_training(enc_step, tensors, meta)    # resume stage 2
+    trained = load_trained(path_or_run_dir, files, overrides)   # evaluation: the EMA models
+    trained = trained_from_step(enc_step)             # the same, from a training step (pictures)
 
 The files themselves (safetensors, checksum, atomic writes, keep-last-K) are encdiff/checkpoint.py's.
 Layout of a stage-1 file: `model.*` (the autoencoder), `opt.*` (Adam), `disc.*` and `opt_disc.*`
@@ -15,12 +17,19 @@ self-contained), `opt.*`, `guard.*`, `rng.noise` (the t/noise generator) and `sc
 metadata of both: step, stage, the resolved config (which builds the models back), the optimisers'
 param groups, and for stage 2 `vq_source` and `factor_sizes`.
 """
+import copy
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from encdiff import checkpoint as ckpt
 from encdiff import config as config_lib
+from encdiff import runtime
 from encdiff.errors import UserError
-from encdiff.models.encdiff import build_vq
+from encdiff.models.encdiff import build_diffusion, build_encoder, build_unet, build_vq
+
+IMAGE_SHAPE = (64, 64, 3)
 
 
 def load_weights(module, state, what, path):
@@ -132,3 +141,89 @@ def load_encdiff_training(st, tensors, meta, path):
     st.scale = tensors["scale_factor"].to(st.d.device)
     _load_guard(st.guard, tensors)
     return int(meta["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# a trained EncDiff, for evaluation and pictures
+
+
+@dataclass
+class Trained:
+    """A trained EncDiff ready to encode and sample: every module in eval mode on `device`."""
+
+    cfg: object  # Config used now (stored < files < overrides; the model tables stored)
+    vq: torch.nn.Module
+    encoder: torch.nn.Module  # the trained concept encoder (EMA parameters when the run kept them)
+    unet: torch.nn.Module  # the EMA U-Net, used for sampling only
+    diffusion: torch.nn.Module
+    scale: float  # latent z is multiplied by it before diffusion
+    device: torch.device
+    amp: object  # autocast context (reusable)
+    path: Path = None  # the checkpoint file
+    step: int = 0
+    stored: object = None  # Config the checkpoint was trained with
+    meta: dict = field(default_factory=dict)
+    ignored: list = field(default_factory=list)  # model keys that files or overrides tried to change
+
+    @property
+    def latent_shape(self):
+        side = IMAGE_SHAPE[0] // self.vq.downsample
+        return (self.cfg.vqvae.embed_dim, side, side)
+
+    @property
+    def channels_last(self):
+        return self.cfg.perf.channels_last and self.device.type == "cuda"
+
+
+def with_ema_parameters(module, live, ema):
+    """`live` state with every parameter that `ema` holds replaced by its EMA. Buffers (BatchNorm
+    statistics) stay live: the trainer averages parameters only, as LDM's LitEma does."""
+    state = dict(live)
+    for name, _ in module.named_parameters():
+        if name in ema:
+            state[name] = ema[name]
+    return state
+
+
+def load_trained(path, files=(), overrides=()):
+    """Checkpoint file or run directory (its newest good stage-2 checkpoint) -> Trained, built from
+    the stored config, then files, then overrides; [vqvae] and [encdiff] always the stored ones."""
+    ckpt_path, tensors, meta = ckpt.load_stage_checkpoint(path, "encdiff")
+    if meta["stage"] != "encdiff":
+        raise UserError(f"{ckpt_path}: a {meta['stage']} checkpoint; evaluate needs an EncDiff (stage 2) checkpoint")
+    if "scale_factor" not in tensors:
+        raise UserError(f"{ckpt_path}: not an EncDiff checkpoint (no scale_factor tensor)")
+    stored = _stored_config(meta, ckpt_path)
+    cfg = config_lib.build_config(files, overrides, base=stored)
+    ignored = config_lib.keep_model_tables(cfg, stored)
+    device = runtime.pick_device(cfg.run.device)
+
+    vq = build_vq(cfg.vqvae)
+    load_weights(vq, ckpt.unprefixed("vq", tensors), "vq", ckpt_path)
+    encoder = build_encoder(cfg.encdiff)
+    unet = build_unet(cfg.encdiff, latent_channels=cfg.vqvae.embed_dim, attn_backend=cfg.perf.attention)
+    ema = ckpt.unprefixed("ema", tensors)
+    # with encdiff.ema_all the EMA is the whole EncDiff module's (encoder.*, unet.*); else the U-Net's
+    ema_unet, ema_encoder = ((ckpt.unprefixed("unet", ema), ckpt.unprefixed("encoder", ema)) if stored.encdiff.ema_all
+                             else (ema, {}))
+    live_encoder, live_unet = ckpt.unprefixed("encoder", tensors), ckpt.unprefixed("unet", tensors)
+    load_weights(encoder, with_ema_parameters(encoder, live_encoder, ema_encoder) if live_encoder else {}, "encoder",
+                 ckpt_path)
+    load_weights(unet, with_ema_parameters(unet, live_unet, ema_unet) if live_unet else {}, "unet", ckpt_path)
+
+    vq, encoder, unet = (m.to(device).eval().requires_grad_(False) for m in (vq, encoder, unet))
+    if cfg.perf.channels_last and device.type == "cuda":
+        encoder = encoder.to(memory_format=torch.channels_last)
+    return Trained(cfg=cfg, vq=vq, encoder=encoder, unet=unet, diffusion=build_diffusion(cfg.encdiff).to(device),
+                   scale=float(tensors["scale_factor"]), device=device,
+                   amp=runtime.autocast(runtime.precision(cfg.perf.precision, device), device), path=ckpt_path,
+                   step=int(meta["step"]), stored=stored, meta=meta, ignored=ignored)
+
+
+def trained_from_step(st):
+    """What load_trained would give from EncDiffStep `st`'s checkpoint now (copies in eval mode)."""
+    model = copy.deepcopy(st.model).eval().requires_grad_(False)
+    ema_module = model if st.ema_module is st.model else model.unet
+    ema_module.load_state_dict({**ema_module.state_dict(), **st.ema.state_dict()})
+    return Trained(cfg=st.cfg, vq=st.vq, encoder=model.encoder, unet=model.unet, diffusion=model.diffusion,
+                   scale=float(st.scale), device=st.d.device, amp=st.amp)

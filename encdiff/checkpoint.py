@@ -172,15 +172,18 @@ def prune_checkpoints(stage_dir, keep_last):
         path.unlink(missing_ok=True)
 
 
-def resolve_checkpoint(path, stage="encdiff"):
-    """A checkpoint file, or a run directory / stage directory -> its newest checkpoint file."""
+def load_stage_checkpoint(path, stage="encdiff"):
+    """A checkpoint file, or a run directory / stage directory -> (file, tensors, metadata) of its
+    newest good checkpoint: a corrupt newest one is skipped with a warning, as train.py does."""
     p = Path(path)
     if p.is_file():
-        return p
+        return (p, *load_checkpoint(p))
     if not p.exists():
         raise UserError(f"checkpoint not found: {path}")
     for d in (p / stage, p):
-        found = list_checkpoints(d)
-        if found:
-            return found[-1]
+        if list_checkpoints(d):
+            found = latest_good_checkpoint(d)
+            if found is None:
+                raise UserError(f"{d}: every checkpoint there is corrupt")
+            return found
     raise UserError(f"{path}: no {stage} checkpoint (ckpt_*.safetensors) in this directory")

@@ -2,6 +2,7 @@
 HDF5 dataset written here: checkpoint loading (EMA layouts), encoding in index order, the picture
 helpers, the table, the whole command end to end, and every user error as one line with exit 2."""
 import json
+import copy
 import math
 import shutil
 import subprocess
@@ -17,10 +18,11 @@ from safetensors.torch import load_file
 
 import evaluate
 from encdiff.checkpoint import prefixed, save_checkpoint
-from encdiff.config import build_config, to_toml
+from encdiff.artifacts import load_trained
+from encdiff.config import build_config, from_toml_text, to_toml
 from encdiff.errors import UserError
-from encdiff.evaluation import (attention_maps, decode_tokens, encode_dataset, fixed_noise, format_table,
-                                layered_config, load_trained, open_eval_dataset, swap_codes, traversal_codes)
+from encdiff.evaluation import encode_dataset, format_table, open_eval_dataset
+from encdiff.pictures import attention_maps, decode_tokens, fixed_noise, swap_codes, traversal_codes
 from encdiff.metrics import metric_names
 from encdiff.images import uint8_to_model
 from encdiff.models.encdiff import build_encoder, build_unet, build_vq
@@ -59,6 +61,8 @@ def random_state(module, seed, scale=0.05):
 
 def write_checkpoint(path, cfg, ema_all=False, step=8):
     """An EncDiff checkpoint in train.py's format, from tiny randomly initialised models."""
+    cfg = copy.deepcopy(cfg)
+    cfg.encdiff.ema_all = ema_all  # the stored config says whose EMA the file holds
     torch.manual_seed(0)
     vq, encoder = build_vq(cfg.vqvae), build_encoder(cfg.encdiff)
     unet = build_unet(cfg.encdiff, latent_channels=cfg.vqvae.embed_dim)
@@ -99,12 +103,12 @@ def test_config_layers_stored_then_files_then_overrides(run, tmp_path):
     stored = to_toml(run["cfg"])
     extra = tmp_path / "eval.toml"
     extra.write_text('[eval]\nbatch_size = 7\n[data]\npath = "from_file.h5"\n')
-    cfg = layered_config(stored, [extra], [("data.path", "from_cli.h5")])
+    cfg = build_config([extra], [("data.path", "from_cli.h5")], base=from_toml_text(stored))
     assert cfg.data.path == "from_cli.h5"
     assert cfg.eval.batch_size == 7
     assert cfg.encdiff.num_tokens == run["cfg"].encdiff.num_tokens != 20  # stored, not the default
     with pytest.raises(UserError, match="eval.nonsense"):
-        layered_config(stored, [], [("eval.nonsense", "1")])
+        build_config([], [("eval.nonsense", "1")], base=from_toml_text(stored))
 
 
 def test_model_tables_always_come_from_the_checkpoint(run):

@@ -44,7 +44,7 @@ def test_the_latent_must_have_the_images_channels():
 
 def test_train_and_evaluate_with_the_pool_stage(tmp_path, capsys):
     """The CPU preset's combination: pool stage + x0 prediction, through train and evaluate."""
-    from encdiff.evaluation import load_trained
+    from encdiff.artifacts import load_trained
 
     data = tmp_path / "tiny.h5"
     write_tiny_h5(data)
