@@ -72,7 +72,7 @@ def main(argv=None):
     trained = load_trained(args.path, files, overrides)
     cfg = trained.cfg
     names = requested or metric_names(cfg.eval.metrics)
-    quick, seed = args.quick or cfg.eval.quick, cfg.eval.seed
+    quick, seed = args.quick, cfg.eval.seed
     runtime.set_tf32(trained.device, cfg.perf.tf32)
     # a bad weights file fails here, before any long work
     inception = load_inception(cfg.eval.inception_path, trained.device) if cfg.eval.inception_path else None

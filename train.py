@@ -216,7 +216,7 @@ def train_vqvae(cfg, d, images, out_dir, vote):
         if d.is_main and ckpt.latest_good_checkpoint(stage_dir) is None:
             (stage_dir / "config.toml").write_text(to_toml(cfg))
             artifacts.save_fixed_vq(stage_dir / ckpt.checkpoint_name(v.steps), v.steps, cfg)
-        dist.print0(f"vqvae: kind 'pool' ({2 ** (len(v.ch_mult) - 1)}x average pooling) has nothing to train")
+        dist.print0(f"vqvae: kind 'pool' ({v.pool_size}x{v.pool_size} average pooling) has nothing to train")
         dist.barrier()
         return False
 

@@ -153,10 +153,11 @@ def as_cli(value):
 
 
 def small_model_overrides():
-    """The model shape of configs/smoke.toml (its shape keys only): the small model of the CPU tests."""
+    """The model shape of configs/smoke.toml (its shape keys, and the sampler's steps that its
+    shorter schedule needs): the small model of the CPU tests."""
     smoke = build_config([ROOT / "configs" / "smoke.toml"])
-    return [(f"{stage}.{key}", as_cli(getattr(getattr(smoke, stage), key)))
-            for stage, keys in ARCH_KEYS.items() for key in keys]
+    keys = [(stage, key) for stage, names in ARCH_KEYS.items() for key in names] + [("eval", "ddim_steps")]
+    return [(f"{table}.{key}", as_cli(getattr(getattr(smoke, table), key))) for table, key in keys]
 
 
 def make_config(files, overrides, settings=None):

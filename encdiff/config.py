@@ -19,11 +19,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+import kernels
 from encdiff.errors import UserError
 
 STAGES = ("vqvae", "encdiff")
 DATASET_NAMES = ("synth3d", "shapes3d", "mpi3d", "cars3d", "dsprites", "h5", "celeba", "imagefolder")
-ATTENTION_BACKENDS = ("auto", "triton", "xformers", "sdpa", "math")
+ATTENTION_BACKENDS = ("auto", *kernels.BACKENDS)
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 METRIC_NAMES = ("factor_vae", "dci", "mig", "sap", "beta_vae", "modularity_explicitness")
@@ -57,6 +58,7 @@ class DataConfig:
 @dataclass
 class VQVAEConfig:
     kind: str = "vq"  # "vq" (VQ autoencoder, the release), "kl" (Gaussian-latent KL autoencoder) or "pool" (fixed, CPU)
+    pool_size: int = 4  # kind = "pool" only: the latent is the image average-pooled over pool_size x pool_size pixels
     kl_weight: float = 1e-6  # kind = "kl" only
     steps: int = 20000
     batch_size: int = 256  # global, split across ranks
@@ -123,7 +125,6 @@ class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: list(METRIC_NAMES))
     seed: int = 0
     batch_size: int = 1024
-    quick: bool = False
     pictures: bool = True
     ddim_steps: int = 200
     inception_path: str = ""  # Inception weights you supply for FID; empty: FID is skipped
@@ -190,7 +191,16 @@ def _section_types(section_cls):
     return get_type_hints(section_cls)
 
 
-def _apply(cfg, table, key, value, where, from_cli=False, sources=None):
+# Keys that existed once: a stored config (a checkpoint's) still holding one reads fine; a user's
+# file or command line gets the reason instead of "unknown key".
+RETIRED_KEYS = {"eval.quick": "use evaluate.py --quick"}
+
+
+def _apply(cfg, table, key, value, where, from_cli=False, sources=None, stored=False):
+    if f"{table}.{key}" in RETIRED_KEYS:
+        if stored:
+            return
+        raise UserError(f"{where}: {table}.{key} no longer exists ({RETIRED_KEYS[f'{table}.{key}']})")
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if table not in sections:
         raise UserError(f"{where}: unknown table [{table}] (known: {', '.join(sections)})")
@@ -218,12 +228,12 @@ def load_file(cfg, path, sources=None):
     apply_dict(cfg, data, str(path), sources)
 
 
-def apply_dict(cfg, data, where, sources=None):
+def apply_dict(cfg, data, where, sources=None, stored=False):
     for table, values in data.items():
         if not isinstance(values, dict):
             raise UserError(f"{where}: '{table}' must be a table like [{table}], not a bare value")
         for key, value in values.items():
-            _apply(cfg, table, key, value, where, sources=sources)
+            _apply(cfg, table, key, value, where, sources=sources, stored=stored)
 
 
 def split_args(argv, extra_flags=()):
@@ -319,6 +329,7 @@ def validate(cfg, sources=None):
         _check(len(sec.betas) == 2 and all(0 <= b < 1 for b in sec.betas), f"{name}.betas", f"must be two numbers in [0, 1); got {sec.betas}")
     _one_of(v.kind, ("vq", "kl", "pool"), "vqvae.kind")
     _check(v.kind != "pool" or v.embed_dim == 3, "vqvae.embed_dim", f"must be 3 with kind = 'pool' (the latent is the image); got {v.embed_dim}")
+    _check(v.pool_size > 0 and 64 % v.pool_size == 0, "vqvae.pool_size", f"must divide the 64-pixel image; got {v.pool_size}")
     _check(v.kl_weight >= 0, "vqvae.kl_weight", f"must be >= 0; got {v.kl_weight}")
     _check(v.ch > 0, "vqvae.ch", f"must be positive; got {v.ch}")
     _check(len(v.ch_mult) > 0 and all(m > 0 for m in v.ch_mult), "vqvae.ch_mult", f"must be positive numbers; got {v.ch_mult}")
@@ -347,7 +358,10 @@ def validate(cfg, sources=None):
     _one_of(p.attention, ATTENTION_BACKENDS, "perf.attention")
     _check(all(m in METRIC_NAMES for m in ev.metrics), "eval.metrics", f"unknown metric in {ev.metrics}; known: {', '.join(METRIC_NAMES)}")
     _check(ev.batch_size > 0, "eval.batch_size", f"must be positive; got {ev.batch_size}")
-    _check(ev.ddim_steps > 0, "eval.ddim_steps", f"must be positive; got {ev.ddim_steps}")
+    _check(0 < ev.ddim_steps <= e.timesteps, "eval.ddim_steps",
+           f"must be between 1 and encdiff.timesteps ({e.timesteps}); got {ev.ddim_steps}")
+    for key, seed in (("run.seed", r.seed), ("eval.seed", ev.seed)):
+        _check(0 <= seed < 2**32, key, f"must be in [0, 2^32); got {seed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +374,7 @@ def validate(cfg, sources=None):
 # ARCH_KEYS: what a stage's modules are built from (their shapes); the rest of STAGE_KEYS is how
 # they are trained.
 ARCH_KEYS = {
-    "vqvae": ("kind", "ch", "ch_mult", "enc_res_blocks", "dec_res_blocks", "z_channels", "embed_dim", "n_embed"),
+    "vqvae": ("kind", "pool_size", "ch", "ch_mult", "enc_res_blocks", "dec_res_blocks", "z_channels", "embed_dim", "n_embed"),
     "encdiff": ("num_tokens", "token_dim", "encoder_ch", "model_channels", "channel_mult", "num_res_blocks",
                 "attention_levels", "num_heads", "timesteps", "schedule"),
 }
@@ -452,6 +466,6 @@ def from_toml_text(text, where="stored config"):
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{where}: not valid TOML ({e})") from None
-    apply_dict(cfg, data, where)
+    apply_dict(cfg, data, where, stored=True)
     validate(cfg)
     return cfg

@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from encdiff.errors import UserError
 
 SCHEDULES = ("linear", "cosine")
 LOSSES = ("l1", "l2")
@@ -49,17 +48,17 @@ class Diffusion(nn.Module):
                  linear_end=0.0155, cosine_s=8e-3, prediction="eps", t_power=0.0):
         super().__init__()
         if schedule not in SCHEDULES:
-            raise UserError(f"diffusion.schedule={schedule!r} must be one of {SCHEDULES}")
+            raise ValueError(f"diffusion.schedule={schedule!r} must be one of {SCHEDULES}")
         if loss not in LOSSES:
-            raise UserError(f"diffusion.loss={loss!r} must be one of {LOSSES}")
+            raise ValueError(f"diffusion.loss={loss!r} must be one of {LOSSES}")
         if prediction not in PREDICTIONS:
-            raise UserError(f"diffusion.prediction={prediction!r} must be one of {PREDICTIONS}")
+            raise ValueError(f"diffusion.prediction={prediction!r} must be one of {PREDICTIONS}")
         if timesteps < 1:
-            raise UserError(f"diffusion.timesteps={timesteps} must be >= 1")
+            raise ValueError(f"diffusion.timesteps={timesteps} must be >= 1")
         if not 0 <= t_power < math.inf:
-            raise UserError(f"diffusion.t_power={t_power} must be a number >= 0")
+            raise ValueError(f"diffusion.t_power={t_power} must be a number >= 0")
         if schedule == "linear" and not 0 < linear_start < linear_end < 1:
-            raise UserError(f"diffusion: need 0 < linear_start ({linear_start}) < linear_end ({linear_end}) < 1")
+            raise ValueError(f"diffusion: need 0 < linear_start ({linear_start}) < linear_end ({linear_end}) < 1")
         self.timesteps, self.schedule, self.loss_type, self.prediction = timesteps, schedule, loss, prediction
         self.t_power = float(t_power)
         if schedule == "linear":
@@ -125,7 +124,7 @@ class Diffusion(nn.Module):
     def ddim_timesteps(self, steps):
         """`steps` evenly spaced timesteps 0, T/steps, ...: the last step lands on a clean sample."""
         if not 1 <= steps <= self.timesteps:
-            raise UserError(f"ddim steps={steps} must be between 1 and timesteps={self.timesteps}")
+            raise ValueError(f"ddim steps={steps} must be between 1 and timesteps={self.timesteps}")
         return torch.arange(steps, device=self.betas.device) * (self.timesteps // steps)
 
     def ddim_coefficients(self, steps, eta):

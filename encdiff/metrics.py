@@ -40,21 +40,21 @@ def _check_inputs(codes, factor_sizes):
     try:
         sizes = tuple(int(s) for s in factor_sizes)
     except (TypeError, ValueError):
-        raise UserError(f"factor_sizes must be a list of integers, got {factor_sizes!r}") from None
+        raise ValueError(f"factor_sizes must be a list of integers, got {factor_sizes!r}") from None
     if len(sizes) < 2 or min(sizes) < 2:
-        raise UserError(f"factor_sizes must list at least 2 factors of at least 2 values each, "
+        raise ValueError(f"factor_sizes must list at least 2 factors of at least 2 values each, "
                         f"got {sizes}")
     codes = np.asarray(codes)
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.number):
-        raise UserError(f"codes must be a numeric (N, C) array, "
+        raise ValueError(f"codes must be a numeric (N, C) array, "
                         f"got shape {codes.shape} of {codes.dtype}")
     if codes.shape[0] != math.prod(sizes):
-        raise UserError(f"codes has {codes.shape[0]} rows but factor_sizes {sizes} "
+        raise ValueError(f"codes has {codes.shape[0]} rows but factor_sizes {sizes} "
                         f"describe a grid of {math.prod(sizes)} rows")
     if codes.shape[1] < 2:
-        raise UserError(f"codes must have at least 2 dimensions to be scored, got {codes.shape[1]}")
+        raise ValueError(f"codes must have at least 2 dimensions to be scored, got {codes.shape[1]}")
     if not np.isfinite(codes).all():
-        raise UserError("codes contain NaN or infinite values")
+        raise ValueError("codes contain NaN or infinite values")
     # float32 codes stay float32 (an encoder's output, as in disentanglement_lib): variances and
     # histograms are then computed at the same precision as there.
     if codes.dtype not in (np.float32, np.float64):
@@ -64,7 +64,7 @@ def _check_inputs(codes, factor_sizes):
 
 def _check_count(name, value, minimum=1):
     if not isinstance(value, (int, np.integer)) or value < minimum:
-        raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def _fit_gbt(x_train, y_train, x_test, y_test, random_state):
 def _n_workers(n_jobs, n_tasks):
     n = joblib.cpu_count() if n_jobs is None else int(n_jobs)
     if n == 0 or n < -1:
-        raise UserError(f"n_jobs must be a positive number of processes, -1 or None, "
+        raise ValueError(f"n_jobs must be a positive number of processes, -1 or None, "
                         f"got {n_jobs!r}")
     return min(joblib.cpu_count() if n == -1 else n, n_tasks)
 
@@ -363,7 +363,7 @@ def beta_vae_score(codes, factor_sizes, *, seed=0, num_train=10000, num_eval=500
     rs = np.random.RandomState(seed)
     train_x, train_y = _beta_vae_points(rs, codes, sizes, num_train, batch_size)
     if len(np.unique(train_y)) < 2:
-        raise UserError(f"beta_vae_score: num_train={num_train} is too small to see 2 factors")
+        raise ValueError(f"beta_vae_score: num_train={num_train} is too small to see 2 factors")
     # disentanglement_lib passes its RandomState to LogisticRegression; today's default solver
     # (lbfgs, multinomial) does not use it, so the eval set draws from the same stream as there.
     # Its 2018 study ran sklearn < 0.22, whose default was liblinear one-vs-rest; papers since
@@ -454,14 +454,14 @@ def _check_attributes(codes, attributes):
     """Validate (codes (N, C), attributes (N, K) in {0, 1}); return them as float64 and int32."""
     codes, attributes = np.asarray(codes), np.asarray(attributes)
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.number) or codes.shape[1] < 2:
-        raise UserError(f"codes must be a numeric (N, C) array with C >= 2, got shape {codes.shape} of {codes.dtype}")
+        raise ValueError(f"codes must be a numeric (N, C) array with C >= 2, got shape {codes.shape} of {codes.dtype}")
     if not np.isfinite(codes).all():
-        raise UserError("codes contain NaN or infinite values")
+        raise ValueError("codes contain NaN or infinite values")
     if attributes.ndim != 2 or len(attributes) != len(codes):
-        raise UserError(f"attributes must be an (N, K) array with N = {len(codes)} (one row per code), "
+        raise ValueError(f"attributes must be an (N, K) array with N = {len(codes)} (one row per code), "
                         f"got shape {attributes.shape}")
     if not np.isin(attributes, (0, 1)).all():
-        raise UserError("attributes must hold 0 or 1 (convert CelebA's -1/1 labels first)")
+        raise ValueError("attributes must hold 0 or 1 (convert CelebA's -1/1 labels first)")
     return codes.astype(np.float64), attributes.astype(np.int32)
 
 
@@ -558,7 +558,7 @@ def tad(codes, attributes, *, threshold=0.75, max_entropy_reduction=0.2, min_ran
     (np.random.RandomState(seed)); None: all rows. -> {"tad": float, "num_captured": int}."""
     codes, attributes = _check_attributes(codes, attributes)
     if auroc not in ("grid", "exact"):
-        raise UserError(f"tad: auroc must be 'grid' or 'exact', got {auroc!r}")
+        raise ValueError(f"tad: auroc must be 'grid' or 'exact', got {auroc!r}")
     if num_samples is not None:
         _check_count("num_samples", num_samples, minimum=2)
         if num_samples < len(codes):

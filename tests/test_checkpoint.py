@@ -72,11 +72,19 @@ def test_prune_keeps_the_newest(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [ckpt.checkpoint_name(3), ckpt.checkpoint_name(4)]
 
 
-def test_resolve_checkpoint_from_run_dir(tmp_path):
+def test_a_run_dir_opens_its_newest_good_checkpoint(tmp_path):
     (tmp_path / "encdiff").mkdir()
-    for step in (5, 7):
-        ckpt.save_checkpoint(tmp_path / "encdiff" / ckpt.checkpoint_name(step), _tensors(), step=step, stage="encdiff", config_toml="")
-    assert ckpt.resolve_checkpoint(tmp_path).name == ckpt.checkpoint_name(7)
+    for step in (5, 7, 9):
+        ckpt.save_checkpoint(tmp_path / "encdiff" / ckpt.checkpoint_name(step), _tensors(), step=step, stage="encdiff",
+                             config_toml="")
+    assert ckpt.load_stage_checkpoint(tmp_path)[0].name == ckpt.checkpoint_name(9)
+    newest = tmp_path / "encdiff" / ckpt.checkpoint_name(9)
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated: train.py would skip it, and so does evaluate
+    with pytest.warns(UserWarning, match="skipping"):
+        path, _, meta = ckpt.load_stage_checkpoint(tmp_path)
+    assert path.name == ckpt.checkpoint_name(7) and meta["step"] == "7"
+    with pytest.raises(UserError, match="ckpt_00000009.safetensors: not a readable checkpoint"):
+        ckpt.load_stage_checkpoint(newest)  # a file named on purpose is never swapped for another
     with pytest.raises(UserError, match="no encdiff checkpoint"):
         (tmp_path / "empty").mkdir()
-        ckpt.resolve_checkpoint(tmp_path / "empty")
+        ckpt.load_stage_checkpoint(tmp_path / "empty")

@@ -104,3 +104,22 @@ def test_resuming_with_another_objective_names_the_key_and_both_values(override,
     with pytest.raises(UserError, match=rf"trained with {key} = .*, the config now says .*new run"):
         check_resumable(stored, parse_args([override]), "encdiff", "ckpt")
     check_resumable(stored, parse_args(["--encdiff.steps=5", "--perf.compile=off", "--run.log_every=7"]), "encdiff", "ckpt")
+
+
+def test_a_retired_key_reads_in_a_stored_config_and_explains_itself_elsewhere(tmp_path):
+    stored = to_toml(Config()).replace("[eval]\n", "[eval]\nquick = false\n")
+    assert from_toml_text(stored) == Config()  # a checkpoint written before the key went
+    with pytest.raises(UserError, match="eval.quick no longer exists .*evaluate.py --quick"):
+        parse_args(["--eval.quick=true"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--encdiff.timesteps=20"], "eval.ddim_steps: must be between 1 and encdiff.timesteps \\(20\\); got 200"),
+    (["--eval.seed=-1"], "eval.seed: must be in"),
+    (["--run.seed=-3"], "run.seed: must be in"),
+    (["--perf.attention=sdpa_nope"], "perf.attention: must be one of auto, triton, xformers, sdpa, sdpa_flash"),
+])
+def test_combinations_and_ranges_fail_up_front(args, message):
+    with pytest.raises(UserError, match=message):
+        parse_args(args)
+    parse_args(["--encdiff.timesteps=20", "--eval.ddim_steps=20"])

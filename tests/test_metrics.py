@@ -141,11 +141,15 @@ def test_compute_all_runs_the_named_metrics_in_order():
 
 
 # ---------------------------------------------------------------------------------------------
-# User mistakes
+# bad inputs
+
+
+def test_an_unknown_metric_name_is_a_user_error():
+    with pytest.raises(UserError, match="nope"):
+        metrics.compute_all(grid(MIXED), MIXED, metrics=["dci", "nope"])
 
 
 @pytest.mark.parametrize("call", [
-    lambda: metrics.compute_all(grid(MIXED), MIXED, metrics=["dci", "nope"]),
     lambda: metrics.mig(grid(MIXED)[:-1], MIXED),  # rows do not match the grid
     lambda: metrics.mig(grid(MIXED)[:, :1], MIXED),  # one code has no runner-up
     lambda: metrics.mig(np.full((math.prod(MIXED), 3), np.nan), MIXED),
@@ -153,6 +157,6 @@ def test_compute_all_runs_the_named_metrics_in_order():
     lambda: metrics.factor_vae_score(grid(MIXED), MIXED, num_train=0),
     lambda: metrics.dci(grid(MIXED), MIXED, n_jobs=0),
 ])
-def test_user_mistakes_raise_user_error(call):
-    with pytest.raises(UserError):
+def test_bad_inputs_raise_value_error(call):
+    with pytest.raises(ValueError):
         call()

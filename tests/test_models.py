@@ -7,7 +7,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from encdiff.errors import UserError
 from encdiff.models.encoder import ConceptEncoder, EncResBlock
 from encdiff.models.unet import Attention, SpatialTransformer, UNet, record_cross_attention
 from encdiff.models.vqvae import VectorQuantizer, VQModel
@@ -138,9 +137,9 @@ def test_ema_codebook_identical_on_all_ranks(tmp_path):
 
 
 def test_vq_bad_config():
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         VQModel(ema_codebook=True, ema_decay=1.5)
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         VQModel(ch_mult=())
 
 
@@ -192,9 +191,9 @@ def test_each_scalar_has_its_own_mlp():
 
 
 def test_concept_encoder_bad_input():
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         ConceptEncoder().encode(torch.zeros(1, 3, 32, 32))
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         ConceptEncoder(image_size=40)
 
 

@@ -18,14 +18,16 @@ SMOKE = [ROOT / "config.toml", ROOT / "configs" / "smoke.toml"]
 
 
 def test_build_vq_gives_a_parameter_free_pool_model():
-    v = build_config(SMOKE, [("vqvae.kind", "pool"), ("vqvae.ch_mult", "[1, 2, 2]")]).vqvae
+    v = build_config(SMOKE, [("vqvae.kind", "pool"), ("vqvae.pool_size", "8")]).vqvae
     model = build_vq(v)
-    assert type(model) is PoolModel and model.downsample == 4
+    assert type(model) is PoolModel and model.downsample == 8  # its own key, not the VQ's ch_mult
     assert not list(model.parameters()) and not model.state_dict()
+    with pytest.raises(UserError, match="vqvae.pool_size"):
+        build_config(SMOKE, [("vqvae.kind", "pool"), ("vqvae.pool_size", "5")])
 
 
 def test_encode_averages_blocks_and_decode_upsamples():
-    model = PoolModel(ch_mult=(1, 2, 2))
+    model = PoolModel(pool_size=4)
     blocks = torch.randn(2, 3, 16, 16)
     x = blocks.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)  # constant 4x4 blocks
     assert torch.allclose(model.encode(x), blocks, atol=1e-6)
@@ -36,7 +38,7 @@ def test_encode_averages_blocks_and_decode_upsamples():
 
 
 def test_the_latent_must_have_the_images_channels():
-    with pytest.raises(UserError, match="embed_dim"):
+    with pytest.raises(ValueError, match="embed_dim"):
         PoolModel(embed_dim=4)
     with pytest.raises(UserError, match="embed_dim"):
         build_config(SMOKE, [("vqvae.kind", "pool"), ("vqvae.embed_dim", "4")])

@@ -53,7 +53,7 @@ def test_discriminator_init():
 
 
 def test_discriminator_bad_config():
-    with pytest.raises(UserError, match="n_layers"):
+    with pytest.raises(ValueError, match="n_layers"):
         NLayerDiscriminator(3, 64, 0)
 
 
@@ -178,7 +178,7 @@ def test_generator_loss_with_gan():
      ({"perceptual_weight": float("nan")}, "perceptual_weight")],
 )
 def test_vq_loss_bad_config(kwargs, match):
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(ValueError, match=match):
         VQLoss(**kwargs)
 
 

@@ -1,3 +1,2 @@
-from encdiff.models.encoder import ConceptEncoder  # noqa: F401
-from encdiff.models.unet import UNet, record_cross_attention  # noqa: F401
-from encdiff.models.vqvae import VQModel  # noqa: F401
+"""The model parts, one file each: vqvae, klvae, poolae (stage 1), encoder, unet, vq_loss, and encdiff
+(the two-stage model and its builders from the config)."""

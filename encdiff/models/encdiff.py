@@ -3,7 +3,6 @@ loss alone. Builders from the config live here so train.py and evaluate.py build
 import torch.nn as nn
 
 from encdiff.diffusion import Diffusion
-from encdiff.errors import UserError
 from encdiff.models.encoder import ConceptEncoder
 from encdiff.models.klvae import KLModel
 from encdiff.models.poolae import PoolModel
@@ -15,13 +14,13 @@ def build_vq(v):
     """The stage-1 autoencoder of a VQVAEConfig: VQModel (kind "vq"), KLModel (kind "kl") or the
     fixed PoolModel (kind "pool", nothing to train)."""
     if v.kind == "pool":
-        return PoolModel(ch_mult=tuple(v.ch_mult), embed_dim=v.embed_dim)
+        return PoolModel(pool_size=v.pool_size, embed_dim=v.embed_dim)
     if v.kind == "kl":
         return KLModel(ch=v.ch, ch_mult=tuple(v.ch_mult), enc_res_blocks=v.enc_res_blocks,
                        dec_res_blocks=v.dec_res_blocks, z_channels=v.z_channels, embed_dim=v.embed_dim,
                        kl_weight=v.kl_weight)
     if v.kind != "vq":
-        raise UserError(f"vqvae.kind = {v.kind!r}: choose vq, kl or pool")
+        raise ValueError(f"vqvae.kind = {v.kind!r}: choose vq, kl or pool")
     return VQModel(
         ch=v.ch, ch_mult=tuple(v.ch_mult), enc_res_blocks=v.enc_res_blocks, dec_res_blocks=v.dec_res_blocks,
         z_channels=v.z_channels, embed_dim=v.embed_dim, n_embed=v.n_embed, beta=v.beta, ema_codebook=v.ema_codebook,

@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encdiff.errors import UserError
 
 
 class EncResBlock(nn.Module):
@@ -59,9 +58,9 @@ class ConceptEncoder(nn.Module):
                  image_size=64):
         super().__init__()
         if image_size % 16 or image_size < 16:
-            raise UserError(f"concept encoder: image_size={image_size} must be a multiple of 16")
+            raise ValueError(f"concept encoder: image_size={image_size} must be a multiple of 16")
         if num_tokens < 1 or token_dim < 1 or ch < 1:
-            raise UserError(f"concept encoder: num_tokens={num_tokens}, token_dim={token_dim}, ch={ch} must be >= 1")
+            raise ValueError(f"concept encoder: num_tokens={num_tokens}, token_dim={token_dim}, ch={ch} must be >= 1")
         self.num_tokens, self.token_dim, self.image_size = num_tokens, token_dim, image_size
 
         def down(cin):
@@ -80,7 +79,7 @@ class ConceptEncoder(nn.Module):
     def encode(self, x):
         """Image (B, 3, 64, 64) in [-1, 1] -> scalars (B, num_tokens): the representation."""
         if x.shape[-2:] != (self.image_size, self.image_size):
-            raise UserError(f"concept encoder expects {self.image_size}x{self.image_size} images, "
+            raise ValueError(f"concept encoder expects {self.image_size}x{self.image_size} images, "
                             f"got {tuple(x.shape[-2:])}")
         # (B, ch, 4, 4) -> (B, ch*16), channel-major like the released View, whatever the memory format
         return self.to_scalars(self.features(x).flatten(1))

@@ -12,7 +12,6 @@ returns kl_weight x KL / (values per image) - the same balance, so LDM's 1e-6 ca
 import torch
 import torch.nn as nn
 
-from encdiff.errors import UserError
 from encdiff.models.vqvae import Decoder, Encoder
 
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's DiagonalGaussianDistribution clamps log-variances here
@@ -26,9 +25,9 @@ class KLModel(nn.Module):
                  z_channels=3, embed_dim=3, kl_weight=1e-6, dropout=0.0):
         super().__init__()
         if ch <= 0 or not ch_mult or min(ch_mult) <= 0:
-            raise UserError(f"vqvae: ch={ch} and ch_mult={tuple(ch_mult)} must be positive")
+            raise ValueError(f"vqvae: ch={ch} and ch_mult={tuple(ch_mult)} must be positive")
         if not kl_weight >= 0:
-            raise UserError(f"vqvae.kl_weight={kl_weight} must be >= 0")
+            raise ValueError(f"vqvae.kl_weight={kl_weight} must be >= 0")
         self.downsample = 2 ** (len(ch_mult) - 1)
         self.kl_weight = float(kl_weight)
         self.encoder = Encoder(in_channels, ch, ch_mult, enc_res_blocks, 2 * z_channels, dropout)  # LDM's double_z

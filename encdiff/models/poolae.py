@@ -10,17 +10,15 @@ keeps the VQ autoencoder; this is `vqvae.kind = "pool"`, meant for configs/cpu.t
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encdiff.errors import UserError
-
 
 class PoolModel(nn.Module):
     """VQModel's interface with no parameters: encode, decode, forward -> (image, 0, None)."""
 
-    def __init__(self, ch_mult=(1, 2, 4), embed_dim=3, in_channels=3):
+    def __init__(self, pool_size=4, embed_dim=3, in_channels=3):
         super().__init__()
         if embed_dim != in_channels:
-            raise UserError(f"vqvae.kind = 'pool': the latent is the image, so embed_dim must be {in_channels}, got {embed_dim}")
-        self.downsample = 2 ** (len(ch_mult) - 1)  # the same factor as the learned autoencoders
+            raise ValueError(f"vqvae.kind = 'pool': the latent is the image, so embed_dim must be {in_channels}, got {embed_dim}")
+        self.downsample = pool_size
 
     def encode(self, x):
         return F.avg_pool2d(x, self.downsample)  # (B, 3, H, W) -> (B, 3, H/f, W/f)

@@ -51,7 +51,7 @@ class NLayerDiscriminator(nn.Module):
     def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3):
         super().__init__()
         if in_channels < 1 or ndf < 1 or n_layers < 1:
-            raise UserError(
+            raise ValueError(
                 f"discriminator needs in_channels, ndf and n_layers >= 1, "
                 f"got {in_channels}, {ndf}, {n_layers}"
             )
@@ -210,14 +210,14 @@ class VQLoss(nn.Module):
     ):
         super().__init__()
         if not isinstance(disc_start, int) or disc_start < 0:
-            raise UserError(f"vq loss: disc_start must be an integer >= 0, got {disc_start!r}")
+            raise ValueError(f"vq loss: disc_start must be an integer >= 0, got {disc_start!r}")
         for name, value in [
             ("disc_weight", disc_weight),
             ("codebook_weight", codebook_weight),
             ("perceptual_weight", perceptual_weight),
         ]:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise UserError(f"vq loss: {name} must be a finite number >= 0, got {value!r}")
+                raise ValueError(f"vq loss: {name} must be a finite number >= 0, got {value!r}")
         self.disc_start = disc_start
         self.disc_weight = float(disc_weight)
         self.codebook_weight = float(codebook_weight)

@@ -11,7 +11,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encdiff.errors import UserError
 
 
 def group_norm(channels, eps=1e-6):
@@ -212,9 +211,9 @@ class VQModel(nn.Module):
                  ema_codebook=False, ema_decay=0.99, dead_threshold=1.0, legacy_beta=False):
         super().__init__()
         if ch <= 0 or not ch_mult or min(ch_mult) <= 0:
-            raise UserError(f"vqvae: ch={ch} and ch_mult={tuple(ch_mult)} must be positive")
+            raise ValueError(f"vqvae: ch={ch} and ch_mult={tuple(ch_mult)} must be positive")
         if not 0.0 < ema_decay < 1.0:
-            raise UserError(f"vqvae.ema_decay={ema_decay} must be in (0, 1)")
+            raise ValueError(f"vqvae.ema_decay={ema_decay} must be in (0, 1)")
         self.downsample = 2 ** (len(ch_mult) - 1)
         self.encoder = Encoder(in_channels, ch, ch_mult, enc_res_blocks, z_channels, dropout)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
