@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
@@ -27,6 +26,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kernels  # noqa: E402
+from encdiff.runtime import versions  # noqa: E402
 from encdiff.errors import UserError, exit_on_user_error  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -233,21 +233,6 @@ def summarize(rows, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-def versions():
-    info = {"torch": torch.__version__}
-    for mod in ("triton", "xformers"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:
-            info[mod] = None
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        info["commit"] = None
-    return info
 
 
 def run_checks(cases, dtype, device, layout):

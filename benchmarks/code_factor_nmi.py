@@ -1,4 +1,5 @@
-"""Which factor does each code carry? The diagnostic behind the CPU preset's choices (RESULTS.md).
+"""Which factor does each code carry? The diagnostic behind the CPU preset's choices (RESULTS.md);
+the measure is encdiff.metrics.code_factor_nmi, this is its command line.
 
     python benchmarks/code_factor_nmi.py runs/cpu              # latest stage-2 checkpoint of a run
     python benchmarks/code_factor_nmi.py CKPT --json nmi.json
@@ -15,27 +16,11 @@ import os
 import sys
 
 import numpy as np
-from sklearn.metrics import mutual_info_score
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from encdiff.errors import UserError, exit_on_user_error  # noqa: E402
-
-
-def code_factor_nmi(codes, factors, factor_sizes, bins=20):
-    """codes (N, C) float, factors (N, F) int in [0, size) -> (C, F) normalised mutual information."""
-    codes, factors = np.asarray(codes), np.asarray(factors)
-    if codes.ndim != 2 or factors.shape != (len(codes), len(factor_sizes)):
-        raise UserError(f"code_factor_nmi: codes {codes.shape} and factors {factors.shape} do not match "
-                        f"{len(factor_sizes)} factors")
-    nmi = np.zeros((codes.shape[1], len(factor_sizes)))
-    for i in range(codes.shape[1]):
-        edges = np.histogram_bin_edges(codes[:, i], bins)
-        binned = np.digitize(codes[:, i], edges[1:-1])  # (N,) in [0, bins)
-        for j, size in enumerate(factor_sizes):
-            if size > 1:
-                nmi[i, j] = mutual_info_score(factors[:, j], binned) / np.log(size)
-    return nmi
+from encdiff.metrics import code_factor_nmi  # noqa: E402
 
 
 def format_table(nmi, factor_names, code_std):
@@ -50,8 +35,8 @@ def format_table(nmi, factor_names, code_std):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a stage-2 checkpoint or a run directory")
-    p.add_argument("--bins", type=int, default=20)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--bins", type=int, default=20, help="equal-width bins per code (default 20)")
+    p.add_argument("--batch", type=int, default=256, help="images per forward of the encoder (default 256)")
     p.add_argument("--json", help="also write the table here")
     args = p.parse_args(argv)
     if args.bins < 2 or args.batch < 1:

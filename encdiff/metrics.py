@@ -631,3 +631,26 @@ def compute_all(codes, factor_sizes, metrics=None, seed=0, quick=False, n_jobs=N
         if pending is not None:
             results["dci"] = pending.result()
     return {name: results[name] for name in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# which factor each code carries (a diagnostic, not a disentanglement score)
+
+
+def code_factor_nmi(codes, factors, factor_sizes, bins=20):
+    """codes (N, C) float, factors (N, F) int in [0, size) -> (C, F): I(code_i binned; factor_j) /
+    H(factor_j), codes in `bins` equal-width bins. 1: the code determines the factor; 0: it says
+    nothing about it. A factor whose best value stays low is not encoded at all, which FactorVAE and
+    DCI (how disentangled) cannot say."""
+    codes, factors = np.asarray(codes), np.asarray(factors)
+    if codes.ndim != 2 or factors.shape != (len(codes), len(factor_sizes)):
+        raise ValueError(f"code_factor_nmi: codes {codes.shape} and factors {factors.shape} do not match "
+                         f"{len(factor_sizes)} factors")
+    nmi = np.zeros((codes.shape[1], len(factor_sizes)))
+    for i in range(codes.shape[1]):
+        edges = np.histogram_bin_edges(codes[:, i], bins)
+        binned = np.digitize(codes[:, i], edges[1:-1])  # (N,) in [0, bins)
+        for j, size in enumerate(factor_sizes):
+            if size > 1:
+                nmi[i, j] = mutual_info_score(factors[:, j], binned) / np.log(size)
+    return nmi

@@ -4,8 +4,11 @@
     prec = precision(cfg.perf.precision, device)  # "bf16" | "fp16" | "fp32"
     with autocast(prec, device): ...
     set_tf32(device, cfg.perf.tf32)
+    versions()                                    # torch, triton, xformers, commit: for benchmark reports
 """
+import subprocess
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -40,3 +43,19 @@ def set_tf32(device, enabled):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled
+
+
+def versions():
+    """{torch, triton, xformers, commit}: what a benchmark figure must name (None where missing)."""
+    info = {"torch": torch.__version__}
+    for mod in ("triton", "xformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # not installed, or a wheel for another CUDA failing to load
+            info[mod] = None
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except OSError:
+        info["commit"] = None
+    return info

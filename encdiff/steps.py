@@ -341,6 +341,15 @@ class Step:
             return
         dist.print0(f"{label}: the update is one CUDA graph ({warmup} warm-up steps, then replays)")
 
+    def backward_and_step(self, loss):
+        """Backward of the loss and the guarded step of the model's optimiser -> (loss, grad norm)."""
+        if INJECT_NAN:
+            loss = loss * self.poison
+        self.guard.start()
+        self.opt.zero_grad(set_to_none=True)
+        self.guard.backward(loss)
+        return loss, self.guard.step(self.opt, self.params)
+
     def generators(self):
         """The generators an update draws from: the device's default one (dropout, the codebook's
         restarts) and own_generators()."""
@@ -408,12 +417,7 @@ class VQStep(Step):
             xrec, qloss, _ = self.forward(x)
         loss, _ = self.loss_fn.generator_loss(x, xrec.float(), qloss.float(), self.step_now,
                                               self.model.last_layer_weight())
-        if INJECT_NAN:
-            loss = loss * self.poison
-        self.guard.start()
-        self.opt.zero_grad(set_to_none=True)
-        self.guard.backward(loss)
-        grad_norm = self.guard.step(self.opt, self.params)
+        loss, grad_norm = self.backward_and_step(loss)
         if self.opt_d is not None:
             d_loss, _ = self.loss_fn.discriminator_loss(x, xrec.detach().float(), self.step_now)
             self.opt_d.zero_grad(set_to_none=True)
@@ -538,12 +542,7 @@ class EncDiffStep(Step):
             z0, noise = z0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
         with self.amp:
             loss = self.forward(x, z0, t, noise)
-        if INJECT_NAN:
-            loss = loss * self.poison
-        self.guard.start()
-        self.opt.zero_grad(set_to_none=True)
-        self.guard.backward(loss)
-        grad_norm = self.guard.step(self.opt, self.params)
+        loss, grad_norm = self.backward_and_step(loss)
         self.guard.update()
         self.ema.apply()
         return loss.detach(), grad_norm, x

@@ -1,4 +1,4 @@
-"""synth3d, the procedural Shapes3D look-alike: the properties DESIGN section 4 requires."""
+"""synth3d, the procedural Shapes3D look-alike: the properties encdiff/data/synth.py promises."""
 import hashlib
 import subprocess
 import sys

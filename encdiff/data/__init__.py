@@ -1,4 +1,4 @@
-"""Ground-truth datasets (DESIGN section 4).
+"""Ground-truth datasets: the paper's (Shapes3D, MPI3D, Cars3D, dSprites), a generic HDF5 format, photos.
 
     ds = open_dataset("shapes3d", "data/3dshapes.h5")
     ds.images[idx]                  # (n, 64, 64, 3) uint8 for an index array

@@ -330,7 +330,7 @@ def ensure_synth3d(path, grid="full", progress=True):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Generate synth3d, a procedural Shapes3D look-alike (DESIGN section 4).")
+    parser = argparse.ArgumentParser(description="Generate synth3d, a procedural Shapes3D look-alike (encdiff/data/synth.py).")
     parser.add_argument("--out", required=True, help="output HDF5 file (replaced if it exists)")
     parser.add_argument("--grid", default="full", choices=sorted(GRIDS), help="full: 480,000 images; small: 3,840")
     args = parser.parse_args()

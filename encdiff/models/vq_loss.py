@@ -1,7 +1,7 @@
 """The stage-1 (VQ autoencoder) loss: L1 + optional LPIPS + codebook + optional hinge PatchGAN.
 
 Follows the loss of taming-transformers / LDM (`VQLPIPSWithDiscriminator`) that the EncDiff
-release trains its autoencoder with (DESIGN.md 2.1). The default is L1 + codebook only, because
+release trains its autoencoder with (the release's configs/autoencoder/). The default is L1 + codebook only, because
 LPIPS needs ImageNet VGG weights that this project never downloads.
 
 LPIPS weights file (one layout; safetensors, or a torch file readable with weights_only=True):
