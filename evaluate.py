@@ -14,6 +14,7 @@ reconstructions (encdiff/fid.py); a table is printed (with the paper's EncDiff n
 datasets) and metrics.json is written to --out (default: the checkpoint's folder), with PNG
 pictures when eval.pictures is on.
 """
+
 import argparse
 import json
 import os
@@ -26,8 +27,15 @@ from encdiff import runtime
 from encdiff.artifacts import load_trained
 from encdiff.config import split_args
 from encdiff.errors import UserError, exit_on_user_error
-from encdiff.evaluation import (describe_data, encode_dataset, fid_of_samples, format_table, open_eval_dataset,
-                                random_encoder, score_codes)
+from encdiff.evaluation import (
+    describe_data,
+    encode_dataset,
+    fid_of_samples,
+    format_table,
+    open_eval_dataset,
+    random_encoder,
+    score_codes,
+)
 from encdiff.pictures import picture_indices, picture_settings, save_pictures
 from encdiff.fid import HOW_TO_PROVIDE, load_inception
 from encdiff.metrics import metric_names
@@ -49,8 +57,12 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="small sample counts and cheap pictures (tests, smoke runs)")
     p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
     p.add_argument("--baseline", choices=["random"], help="also score a freshly initialised (untrained) encoder")
-    p.add_argument("--fid-samples", type=int, help=f"images (and DDIM reconstructions) for FID (default {FID_SAMPLES}, "
-                   f"--quick {FID_SAMPLES_QUICK}); needs eval.inception_path")
+    p.add_argument(
+        "--fid-samples",
+        type=int,
+        help=f"images (and DDIM reconstructions) for FID (default {FID_SAMPLES}, "
+        f"--quick {FID_SAMPLES_QUICK}); needs eval.inception_path",
+    )
     return p.parse_args(rest), files, overrides
 
 
@@ -88,8 +100,9 @@ def main(argv=None):
     n_images, _, _ = picture_settings(cfg.eval, quick)
     keep = picture_indices(n_images, len(ds), seed) if cfg.eval.pictures else ()
     t0 = time.perf_counter()
-    codes, kept = encode_dataset(trained.encoder, ds, cfg.eval.batch_size, trained.device, trained.amp,
-                                 trained.channels_last, keep=keep)
+    codes, kept = encode_dataset(
+        trained.encoder, ds, cfg.eval.batch_size, trained.device, trained.amp, trained.channels_last, keep=keep
+    )
     seconds = time.perf_counter() - t0
     print(f"encoded {len(ds):,} images in {seconds:.1f} s ({len(ds) / seconds:,.0f} images/s)")
 
@@ -100,8 +113,14 @@ def main(argv=None):
     results = score_codes(codes, ds, names, seed=seed, quick=quick)
     baseline = None
     if args.baseline == "random":
-        floor_codes, _ = encode_dataset(random_encoder(trained, seed, ds), ds, cfg.eval.batch_size, trained.device,
-                                        trained.amp, trained.channels_last)
+        floor_codes, _ = encode_dataset(
+            random_encoder(trained, seed, ds),
+            ds,
+            cfg.eval.batch_size,
+            trained.device,
+            trained.amp,
+            trained.channels_last,
+        )
         baseline = score_codes(floor_codes, ds, names, seed=seed, quick=quick)
     if inception is not None:
         n_fid = args.fid_samples or (FID_SAMPLES_QUICK if quick else FID_SAMPLES)
@@ -117,10 +136,21 @@ def main(argv=None):
     def listed(values):
         return None if values is None else list(values)
 
-    record = {**results, "data": {"name": ds.name, "path": str(ds.path), "num_images": len(ds),
-                                  "factor_sizes": listed(ds.factor_sizes), "factor_names": listed(ds.factor_names)},
-              "step": trained.step, "seed": seed, "quick": quick, "checkpoint": str(trained.path),
-              "baseline": None if baseline is None else {"encoder": "random", "seed": seed, **baseline}}
+    record = {
+        **results,
+        "data": {
+            "name": ds.name,
+            "path": str(ds.path),
+            "num_images": len(ds),
+            "factor_sizes": listed(ds.factor_sizes),
+            "factor_names": listed(ds.factor_names),
+        },
+        "step": trained.step,
+        "seed": seed,
+        "quick": quick,
+        "checkpoint": str(trained.path),
+        "baseline": None if baseline is None else {"encoder": "random", "seed": seed, **baseline},
+    }
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {metrics_path}")
@@ -129,7 +159,10 @@ def main(argv=None):
         _, n_values, steps = picture_settings(cfg.eval, quick)
         n, tokens = len(kept) // 2, trained.encoder.num_tokens
         samples = 3 * n + tokens * n_values + n * tokens
-        print(f"pictures: {samples} DDIM samples of {steps} steps (fewer: --quick, --eval.ddim_steps or --eval.pictures=false)")
+        print(
+            f"pictures: {samples} DDIM samples of {steps} steps "
+            f"(fewer: --quick, --eval.ddim_steps or --eval.pictures=false)"
+        )
         for path in save_pictures(trained, kept, codes, out_dir, quick, seed):
             print(f"wrote {path}")
 

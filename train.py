@@ -11,6 +11,7 @@ from the newest good checkpoint in `run.out_dir/<stage>/`. What one update of a 
 encdiff/steps.py and what its checkpoint holds in encdiff/artifacts.py; here are the loop, the log,
 the checkpoint cadence and the stop rules.
 """
+
 import json
 import os
 import shutil
@@ -88,8 +89,10 @@ def find_resume(stage_dir, cfg, stage, d):
     mine = int(found[2]["step"]) if found is not None else 0
     first = dist.broadcast_object(mine)
     if mine != first:
-        raise UserError(f"rank {d.rank} would resume {stage} from step {mine} but rank 0 from step {first}: "
-                        f"run.out_dir must be on a disk shared by every node")
+        raise UserError(
+            f"rank {d.rank} would resume {stage} from step {mine} but rank 0 from step {first}: "
+            f"run.out_dir must be on a disk shared by every node"
+        )
     return found
 
 
@@ -157,9 +160,15 @@ def end_of_step(done, total, r, d, win, lr, stage_dir, bar, vote, save):
     if log_now:
         sums = dist.all_reduce_mean(torch.stack([win.loss, win.grad_norm, win.good, win.skipped])).tolist()
         good = max(sums[2], 1.0)
-        rec = {"step": done, "loss": sums[0] / good, "lr": lr, "grad_norm": sums[1] / good,
-               "skipped_nonfinite": int(round(sums[3])), "images_per_s": win.images / (time.perf_counter() - win.t0),
-               "peak_mem_mb": peak_memory_mb(d.device)}
+        rec = {
+            "step": done,
+            "loss": sums[0] / good,
+            "lr": lr,
+            "grad_norm": sums[1] / good,
+            "skipped_nonfinite": int(round(sums[3])),
+            "images_per_s": win.images / (time.perf_counter() - win.t0),
+            "peak_mem_mb": peak_memory_mb(d.device),
+        }
         if d.is_main:
             append_jsonl(stage_dir / "log.jsonl", rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}")
@@ -168,16 +177,20 @@ def end_of_step(done, total, r, d, win, lr, stage_dir, bar, vote, save):
         if streak >= r.max_nonfinite:
             save(done, final=True)
             bar.close()
-            raise Halt(f"{streak} steps in a row had a non-finite loss or gradient (each was skipped); stopped at "
-                       f"step {done} with the last good weights saved in {stage_dir}. Lower the learning rate or "
-                       f"use perf.precision = 'fp32', then rerun to resume.")
+            raise Halt(
+                f"{streak} steps in a row had a non-finite loss or gradient (each was skipped); stopped at "
+                f"step {done} with the last good weights saved in {stage_dir}. Lower the learning rate or "
+                f"use perf.precision = 'fp32', then rerun to resume."
+            )
     stopping = (log_now or done % r.stop_check_every == 0 or not d.enabled) and vote()
     if stopping or done % r.ckpt_every == 0 or done == total:
         save(done, final=stopping or done == total)
     if stopping:
         bar.close()
-        dist.print0(f"\nstopped by {vote.stop.received or 'a signal on another rank'} at step {done}; checkpoint saved. "
-                    f"Run the same command to resume.")
+        dist.print0(
+            f"\nstopped by {vote.stop.received or 'a signal on another rank'} at step {done}; checkpoint saved. "
+            f"Run the same command to resume."
+        )
     return stopping
 
 
@@ -192,7 +205,9 @@ def guarded_save(write, step, final, stage_dir, keep_last):
             raise Halt(f"cannot write the checkpoint of step {step} in {stage_dir}: {e.strerror or e}") from None
         import warnings
 
-        warnings.warn(f"checkpoint of step {step} not written ({e.strerror or e}); the previous one is intact", stacklevel=2)
+        warnings.warn(
+            f"checkpoint of step {step} not written ({e.strerror or e}); the previous one is intact", stacklevel=2
+        )
 
 
 def check_disk_space(stage_dir, modules, copies):
@@ -200,8 +215,9 @@ def check_disk_space(stage_dir, modules, copies):
     need = copies * sum(p.numel() * 4 for m in modules for p in m.parameters()) * 2  # x2: old + new file
     free = shutil.disk_usage(stage_dir).free
     if free < need:
-        raise UserError(f"run.out_dir: {stage_dir} has {free / 2**20:.0f} MiB free; checkpoints need about {need / 2**20:.0f} MiB")
-
+        raise UserError(
+            f"run.out_dir: {stage_dir} has {free / 2**20:.0f} MiB free; checkpoints need about {need / 2**20:.0f} MiB"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +244,9 @@ def train_vqvae(cfg, d, images, out_dir, vote):
     if start >= v.steps:
         dist.print0(f"vqvae: finished already (step {start}), skipped")
         return False
-    dist.print0(f"vqvae: {count_params(st.model):,} parameters, steps {start} -> {v.steps}, global batch {v.batch_size}")
+    dist.print0(
+        f"vqvae: {count_params(st.model):,} parameters, steps {start} -> {v.steps}, global batch {v.batch_size}"
+    )
     if d.is_main:
         check_disk_space(stage_dir, [st.model] + ([st.disc] if st.disc is not None else []), copies=3)
         (stage_dir / "config.toml").write_text(to_toml(cfg))
@@ -237,8 +255,13 @@ def train_vqvae(cfg, d, images, out_dir, vote):
 
     def save(step, final=False):
         if d.is_main:
-            guarded_save(lambda s: artifacts.save_vq(stage_dir / ckpt.checkpoint_name(s), s, st, cfg), step, final,
-                         stage_dir, r.keep_last)
+            guarded_save(
+                lambda s: artifacts.save_vq(stage_dir / ckpt.checkpoint_name(s), s, st, cfg),
+                step,
+                final,
+                stage_dir,
+                r.keep_last,
+            )
 
     bar = tqdm(total=v.steps, initial=start, desc="vqvae", disable=not d.is_main, dynamic_ncols=True)
     win = Window(d.device)
@@ -272,8 +295,10 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
     if start >= e.steps:
         dist.print0(f"encdiff: finished already (step {start}), skipped")
         return False
-    dist.print0(f"encdiff: encoder {count_params(st.model.encoder):,} + U-Net {count_params(st.model.unet):,} parameters, "
-                f"steps {start} -> {e.steps}, global batch {e.batch_size}, lr {st.lr:.3g}, VQ from {vq_path}")
+    dist.print0(
+        f"encdiff: encoder {count_params(st.model.encoder):,} + U-Net {count_params(st.model.unet):,} parameters, "
+        f"steps {start} -> {e.steps}, global batch {e.batch_size}, lr {st.lr:.3g}, VQ from {vq_path}"
+    )
     if d.is_main:
         check_disk_space(stage_dir, [st.model, vq], copies=4)
         (stage_dir / "config.toml").write_text(to_toml(cfg))
@@ -282,8 +307,15 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
 
     def save(step, final=False):
         if d.is_main:
-            guarded_save(lambda s: artifacts.save_encdiff(stage_dir / ckpt.checkpoint_name(s), s, st, cfg, vq_path,
-                                                          factor_sizes), step, final, stage_dir, r.keep_last)
+            guarded_save(
+                lambda s: artifacts.save_encdiff(
+                    stage_dir / ckpt.checkpoint_name(s), s, st, cfg, vq_path, factor_sizes
+                ),
+                step,
+                final,
+                stage_dir,
+                r.keep_last,
+            )
 
     bar = tqdm(total=e.steps, initial=start, desc="encdiff", disable=not d.is_main, dynamic_ncols=True)
     win = Window(d.device)
@@ -292,8 +324,13 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
         win.add(loss, grad_norm, e.batch_size)
         done = step + 1
         if d.is_main and (done % r.image_every == 0 or (done == e.steps and r.image_every <= e.steps)):
-            pictures.save_reconstructions(artifacts.trained_from_step(st), x[:8], stage_dir / f"samples_{done:08d}.png",
-                                          steps=min(50, cfg.eval.ddim_steps), seed=done)
+            pictures.save_reconstructions(
+                artifacts.trained_from_step(st),
+                x[:8],
+                stage_dir / f"samples_{done:08d}.png",
+                steps=min(50, cfg.eval.ddim_steps),
+                seed=done,
+            )
         if end_of_step(done, e.steps, r, d, win, st.lr * lr_factor(step, e.warmup_steps), stage_dir, bar, vote, save):
             return True
     bar.close()
@@ -309,7 +346,9 @@ def main(argv=None):
     d = dist.setup(cfg.run.device, cfg.run.init_timeout)
     for name in ("vqvae", "encdiff"):
         if getattr(cfg, name).batch_size % d.world_size:
-            raise UserError(f"{name}.batch_size = {getattr(cfg, name).batch_size} is not divisible by the world size {d.world_size}")
+            raise UserError(
+                f"{name}.batch_size = {getattr(cfg, name).batch_size} is not divisible by the world size {d.world_size}"
+            )
     runtime.set_tf32(d.device, cfg.perf.tf32)
     out_dir = Path(cfg.run.out_dir)
     if d.is_main:
@@ -318,10 +357,14 @@ def main(argv=None):
     if cfg.vqvae.ckpt and not Path(cfg.vqvae.ckpt).is_file():
         raise UserError(f"vqvae.ckpt: file not found: {cfg.vqvae.ckpt}")
     ds, images = open_data(cfg, d)
-    dist.print0(f"data: {cfg.data.name} {cfg.data.path}, {len(images):,} images, world size {d.world_size}, device {d.device}")
+    dist.print0(
+        f"data: {cfg.data.name} {cfg.data.path}, {len(images):,} images, world size {d.world_size}, device {d.device}"
+    )
     for name in ("vqvae", "encdiff"):
         if len(images) < getattr(cfg, name).batch_size:
-            raise UserError(f"{name}.batch_size = {getattr(cfg, name).batch_size} is larger than the dataset ({len(images)} images)")
+            raise UserError(
+                f"{name}.batch_size = {getattr(cfg, name).batch_size} is larger than the dataset ({len(images)} images)"
+            )
 
     vote = StopVote(StopSignal(cfg.run.stop_signals), d)
     stopped = False

@@ -13,6 +13,7 @@ replay of a CUDA graph, the GPU's time without any host overhead. A Markdown tab
 stdout, everything to --json PATH. Without CUDA it says so, runs the check through the Triton
 interpreter at small shapes, and exits 0 (1 if a check fails).
 """
+
 import argparse
 import json
 import os
@@ -32,8 +33,11 @@ from encdiff.errors import UserError, exit_on_user_error  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 4e-3, torch.float32: 1e-4}  # max |x - ref| / max |ref|
 # Default U-Net: 64/128/256/256 channels at 16/8/4/2 px, 8 heads, 20 concept tokens.
-SITES = [(f"{kind} {px}x{px}", px * px, px * px if kind == "self" else 20, 8, ch // 8)
-         for px, ch in ((16, 64), (8, 128), (4, 256), (2, 256)) for kind in ("cross", "self")]
+SITES = [
+    (f"{kind} {px}x{px}", px * px, px * px if kind == "self" else 20, 8, ch // 8)
+    for px, ch in ((16, 64), (8, 128), (4, 256), (2, 256))
+    for kind in ("cross", "self")
+]
 BATCHES = (128, 1024)
 CPU_BATCH, CPU_HEADS = 1, 2  # the interpreter is slow: without CUDA every site is checked this small
 
@@ -81,8 +85,10 @@ def forward_and_grads(name, q, k, v, heads, do):
 
 
 def relative_error(outs, refs):
-    return max(((x.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-12)).item()
-               for x, r in zip(outs, refs))
+    return max(
+        ((x.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-12)).item()
+        for x, r in zip(outs, refs)
+    )
 
 
 def check_backends(site, B, dtype, device, layout):
@@ -170,16 +176,32 @@ def time_backends(site, B, dtype, layout, names, warmup, reps, flush):
     flops = model_flops(B, Lq, Lk, heads * d)
     rows = []
     for name in names:
+
         def fwd():
             with torch.no_grad():
                 kernels.attention(q, k, v, heads, backend=name)
+
         timed = {"fwd": fwd, "fwd+bwd": lambda: forward_and_grads(name, q, k, v, heads, do)}
         for mode, fn in timed.items():
             ms = cuda_time_ms(fn, warmup, reps, flush)
             ms_graph, graph_error = graph_time_ms(fn, reps)
-            rows.append(dict(site=site[0], batch=B, Lq=Lq, Lk=Lk, heads=heads, d=d, backend=name, mode=mode,
-                             ms=ms, gbs=nbytes[mode] / (ms * 1e-3) / 1e9, tflops=flops[mode] / (ms * 1e-3) / 1e12,
-                             ms_graph=ms_graph, graph_error=graph_error))
+            rows.append(
+                dict(
+                    site=site[0],
+                    batch=B,
+                    Lq=Lq,
+                    Lk=Lk,
+                    heads=heads,
+                    d=d,
+                    backend=name,
+                    mode=mode,
+                    ms=ms,
+                    gbs=nbytes[mode] / (ms * 1e-3) / 1e9,
+                    tflops=flops[mode] / (ms * 1e-3) / 1e12,
+                    ms_graph=ms_graph,
+                    graph_error=graph_error,
+                )
+            )
     return rows
 
 
@@ -194,15 +216,19 @@ def add_comparisons(rows, copy_gbs):
 
 
 def markdown_table(rows):
-    head = ("| site | batch | mode | backend | auto | ms | ms in a CUDA graph | GB/s | % copy BW | TFLOP/s | x sdpa | "
-            "x xformers |")
+    head = (
+        "| site | batch | mode | backend | auto | ms | ms in a CUDA graph | GB/s | % copy BW | TFLOP/s | x sdpa | "
+        "x xformers |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     for r in rows:
         graphed = "-" if r["ms_graph"] is None else f"{r['ms_graph']:.4f}"
-        lines.append(f"| {r['site']} | {r['batch']} | {r['mode']} | {r['backend']} | {'*' if r['auto'] else ''} | "
-                     f"{r['ms']:.4f} | {graphed} | {r['gbs']:.0f} | {100 * r['copy_fraction']:.1f} | {r['tflops']:.2f} | "
-                     f"{fmt(r['vs_sdpa'])} | {fmt(r['vs_xformers'])} |")
+        lines.append(
+            f"| {r['site']} | {r['batch']} | {r['mode']} | {r['backend']} | {'*' if r['auto'] else ''} | "
+            f"{r['ms']:.4f} | {graphed} | {r['gbs']:.0f} | {100 * r['copy_fraction']:.1f} | {r['tflops']:.2f} | "
+            f"{fmt(r['vs_sdpa'])} | {fmt(r['vs_xformers'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -227,8 +253,10 @@ def summarize(rows, dtype):
     others = [r["ms"] for r in target if r["backend"] in ("sdpa", "xformers")]
     if triton and others and dtype == torch.bfloat16:
         speedup = min(others) / triton["ms"]
-        lines.append(f"target cross 16x16 B=1024 bf16 fwd+bwd: {speedup:.2f}x the best of sdpa/xformers (want >= 2), "
-                     f"{100 * triton['copy_fraction']:.0f}% of copy bandwidth (want >= 70)")
+        lines.append(
+            f"target cross 16x16 B=1024 bf16 fwd+bwd: {speedup:.2f}x the best of sdpa/xformers (want >= 2), "
+            f"{100 * triton['copy_fraction']:.0f}% of copy bandwidth (want >= 70)"
+        )
     return "\n".join(lines)
 
 
@@ -257,11 +285,16 @@ def run_checks(cases, dtype, device, layout):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer warm-up runs and repetitions")
-    ap.add_argument("--shape", action="append", default=[],
-                    help="B,Lq,Lk,heads,d (repeatable); replaces the U-Net sites")
+    ap.add_argument(
+        "--shape", action="append", default=[], help="B,Lq,Lk,heads,d (repeatable); replaces the U-Net sites"
+    )
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    ap.add_argument("--layout", choices=("fused", "separate"), default="fused",
-                    help="fused: q, k, v are strided slices of fused projections; separate: contiguous tensors")
+    ap.add_argument(
+        "--layout",
+        choices=("fused", "separate"),
+        default="fused",
+        help="fused: q, k, v are strided slices of fused projections; separate: contiguous tensors",
+    )
     ap.add_argument("--json", metavar="PATH", help="write every number to this file")
     args = ap.parse_args()
     dtype = DTYPES[args.dtype]
@@ -269,9 +302,11 @@ def main():
     report = {"device": None, "dtype": args.dtype, "layout": args.layout, **versions()}
 
     if not torch.cuda.is_available():
-        print("CUDA is not available: no timing. Checking every runnable backend against math through the "
-              f"Triton interpreter (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}) at each site's lengths "
-              f"and head dim, batch {CPU_BATCH}, {CPU_HEADS} heads.")
+        print(
+            "CUDA is not available: no timing. Checking every runnable backend against math through the "
+            f"Triton interpreter (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}) at each site's lengths "
+            f"and head dim, batch {CPU_BATCH}, {CPU_HEADS} heads."
+        )
         report["device"] = "cpu"
         small = {((name, Lq, Lk, CPU_HEADS, d), CPU_BATCH): None for (name, Lq, Lk, _, d), _ in cases}
         report["checks"], ok = run_checks(list(small), dtype, "cpu", args.layout)
@@ -286,16 +321,21 @@ def main():
     warmup, reps = (3, 20) if args.quick else (10, 100)
     report["checks"], ok = run_checks(cases, dtype, "cuda", args.layout)
     report["copy_gbs"] = copy_gbs = copy_bandwidth_gbs(reps)
-    print(f"{report['device']}: copy bandwidth {copy_gbs:.0f} GB/s; torch {report['torch']}, "
-          f"triton {report['triton']}, xformers {report['xformers']}, commit {report['commit']}, "
-          f"{args.dtype}, layout {args.layout}")
+    print(
+        f"{report['device']}: copy bandwidth {copy_gbs:.0f} GB/s; torch {report['torch']}, "
+        f"triton {report['triton']}, xformers {report['xformers']}, commit {report['commit']}, "
+        f"{args.dtype}, layout {args.layout}"
+    )
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # larger than any L2 so far
     failed = {(c["site"], c["batch"], c["backend"]) for c in report["checks"] if not c["ok"]}
     rows = []
     for site, B in cases:
         q, k, v = make_inputs(B, *site[1:], dtype, "cuda", args.layout)
-        runnable = [n for n, why in kernels.available_backends(q, k, v, site[3]).items()
-                    if why is None and (site[0], B, n) not in failed]
+        runnable = [
+            n
+            for n, why in kernels.available_backends(q, k, v, site[3]).items()
+            if why is None and (site[0], B, n) not in failed
+        ]
         auto = kernels.choose_backend(q, k, v, site[3])
         del q, k, v
         site_rows = time_backends(site, B, dtype, args.layout, runnable, warmup, reps, flush)

@@ -10,6 +10,7 @@ over the whole factor grid, codes in 20 equal-width bins. 1 means the code deter
 code. A factor whose best value stays low is not encoded at all (the question the metrics cannot
 answer: FactorVAE and DCI say how disentangled, not what is missing).
 """
+
 import argparse
 import json
 import os
@@ -26,8 +27,11 @@ from encdiff.metrics import code_factor_nmi  # noqa: E402
 def format_table(nmi, factor_names, code_std):
     lines = [f"{'code':>4} {'std':>6}  " + " ".join(f"{n[:10]:>10}" for n in factor_names) + "  best"]
     for i in np.argsort(-nmi.max(1)):  # the most informative codes first
-        lines.append(f"{i:>4} {code_std[i]:6.2f}  " + " ".join(f"{v:10.2f}" for v in nmi[i])
-                     + f"  {factor_names[int(nmi[i].argmax())]}")
+        lines.append(
+            f"{i:>4} {code_std[i]:6.2f}  "
+            + " ".join(f"{v:10.2f}" for v in nmi[i])
+            + f"  {factor_names[int(nmi[i].argmax())]}"
+        )
     lines.append(f"{'best':>11}  " + " ".join(f"{v:10.2f}" for v in nmi.max(0)))
     return "\n".join(lines)
 
@@ -56,8 +60,15 @@ def main(argv=None):
     print(format_table(nmi, names, codes.std(0)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"factors": names, "nmi": nmi.round(4).tolist(), "best": dict(zip(names, nmi.max(0).round(4).tolist()))},
-                      f, indent=1)
+            json.dump(
+                {
+                    "factors": names,
+                    "nmi": nmi.round(4).tolist(),
+                    "best": dict(zip(names, nmi.max(0).round(4).tolist())),
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -7,6 +7,7 @@ host syncs (on CUDA the runtime's stream, device and event synchronisations, whi
 `nonzero` or blocking copy makes; on the CPU the outermost `.item()` and `nonzero` calls, Python
 reading a tensor); then the ten kernels costing the most time over all profiled steps.
 """
+
 from torch.autograd import DeviceType
 
 STEP_LABEL = "train_bench step "
@@ -31,8 +32,10 @@ def union_ms(intervals):
 def outermost_cpu_ops(events):
     """ATen ops on the CPU not inside another ATen op of their thread: the calls made from Python
     (or from the autograd engine)."""
-    ops = sorted((e for e in events if e.device_type() == DeviceType.CPU and e.name().startswith("aten::")),
-                 key=lambda e: (e.start_thread_id(), e.start_ns(), -e.duration_ns()))
+    ops = sorted(
+        (e for e in events if e.device_type() == DeviceType.CPU and e.name().startswith("aten::")),
+        key=lambda e: (e.start_thread_id(), e.start_ns(), -e.duration_ns()),
+    )
     outer, thread, end = [], None, -1
     for e in ops:
         if e.start_thread_id() != thread or e.start_ns() >= end:
@@ -64,9 +67,15 @@ def summarize(events, on_cuda, top=10):
         lo = mark.start_ns()
         hi = marks[i + 1].start_ns() if i + 1 < len(marks) else max([mark.end_ns(), *(k.end_ns() for k in kernels)])
         mine = [k for k in kernels if lo <= k.start_ns() < hi]
-        rows.append({"step": int(mark.name()[len(STEP_LABEL):]), "wall_ms": mark.duration_ns() / 1e6,
-                     "kernels": len(mine), "busy_ms": union_ms([(k.start_ns(), k.end_ns()) for k in mine]),
-                     "host_syncs": sum(mark.start_ns() <= s.start_ns() < mark.end_ns() for s in syncs)})
+        rows.append(
+            {
+                "step": int(mark.name()[len(STEP_LABEL) :]),
+                "wall_ms": mark.duration_ns() / 1e6,
+                "kernels": len(mine),
+                "busy_ms": union_ms([(k.start_ns(), k.end_ns()) for k in mine]),
+                "host_syncs": sum(mark.start_ns() <= s.start_ns() < mark.end_ns() for s in syncs),
+            }
+        )
     totals = {}
     for k in kernels:
         if marks and marks[0].start_ns() <= k.start_ns():
@@ -80,9 +89,21 @@ def summarize(events, on_cuda, top=10):
 def format_summary(stage, rows, top, on_cuda):
     unit = "kernels" if on_cuda else "ATen calls"
     busy = "GPU-busy ms" if on_cuda else "busy ms"
-    out = [f"### {stage}: per step", "", f"| step | wall ms | {unit} | {busy} | host syncs |", "|---:|---:|---:|---:|---:|"]
-    out += [f"| {r['step']} | {r['wall_ms']:.2f} | {r['kernels']} | {r['busy_ms']:.2f} | {r['host_syncs']} |" for r in rows]
-    out += ["", f"{stage}: the {len(top)} most expensive {unit} over these steps", "",
-            "| kernel | total ms | calls |", "|---|---:|---:|"]
+    out = [
+        f"### {stage}: per step",
+        "",
+        f"| step | wall ms | {unit} | {busy} | host syncs |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    out += [
+        f"| {r['step']} | {r['wall_ms']:.2f} | {r['kernels']} | {r['busy_ms']:.2f} | {r['host_syncs']} |" for r in rows
+    ]
+    out += [
+        "",
+        f"{stage}: the {len(top)} most expensive {unit} over these steps",
+        "",
+        "| kernel | total ms | calls |",
+        "|---|---:|---:|",
+    ]
     out += [f"| `{t['kernel'][:90]}` | {t['total_ms']:.2f} | {t['calls']} |" for t in top]
     return "\n".join(out) + "\n"

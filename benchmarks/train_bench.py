@@ -22,6 +22,7 @@ what it measured. `--budget S` skips the rows that would start after S seconds.
 The step is train.py's step: both build it from encdiff/steps.py (models, optimiser, EMA, batch
 order, latent cache, CUDA graph); only the release's DataLoader baseline feeds it other batches.
 """
+
 import argparse
 import copy
 import gc
@@ -53,9 +54,18 @@ STAGE_TITLES = {"vqvae": "stage 1: VQ autoencoder", "encdiff": "stage 2: concept
 
 # The released choices. data.on_device = false means, here, the release's torch DataLoader; tf32 =
 # false turns TF32 off for convolutions too (torch's own default leaves cuDNN's on), so fp32 is fp32.
-BASELINE = {"perf.precision": "fp32", "perf.compile": "off", "perf.attention": "math", "perf.channels_last": False,
-            "encdiff.grad_checkpoint": True, "perf.cache_latents": False, "data.on_device": False,
-            "perf.fused_adam": False, "perf.tf32": False, "perf.cuda_graph": False}
+BASELINE = {
+    "perf.precision": "fp32",
+    "perf.compile": "off",
+    "perf.attention": "math",
+    "perf.channels_last": False,
+    "encdiff.grad_checkpoint": True,
+    "perf.cache_latents": False,
+    "data.on_device": False,
+    "perf.fused_adam": False,
+    "perf.tf32": False,
+    "perf.cuda_graph": False,
+}
 SWITCHES = {  # row name -> what it changes from the baseline
     "bf16": {"perf.precision": "bf16"},
     "channels_last": {"perf.channels_last": True},
@@ -73,12 +83,27 @@ SWITCHES = {  # row name -> what it changes from the baseline
     "CUDA graph": {"perf.cuda_graph": True, "perf.fused_adam": True, "data.on_device": True},
 }
 # "all": these switches together, less those that cannot run here; the trainer's defaults on CUDA.
-ALL_ON = ("bf16", "channels_last", "compile default", "attention auto", "fused AdamW", "TF32", "cached latents",
-          "dataset on device", "grad checkpointing off", "CUDA graph")
+ALL_ON = (
+    "bf16",
+    "channels_last",
+    "compile default",
+    "attention auto",
+    "fused AdamW",
+    "TF32",
+    "cached latents",
+    "dataset on device",
+    "grad checkpointing off",
+    "CUDA graph",
+)
 ROWS = ("baseline", *SWITCHES, "all")
 # The headline pair first, then the cheap eager rows, so a --budget cuts the compiles.
-RUN_ORDER = ("baseline", "all", *[n for n in SWITCHES if not n.startswith("compile")], "compile default",
-             "compile max-autotune-no-cudagraphs")
+RUN_ORDER = (
+    "baseline",
+    "all",
+    *[n for n in SWITCHES if not n.startswith("compile")],
+    "compile default",
+    "compile max-autotune-no-cudagraphs",
+)
 STAGE2_ONLY = {
     "attention auto": "the VQ autoencoder's one attention block always runs torch SDPA",
     "attention triton": "the VQ autoencoder's one attention block always runs torch SDPA",
@@ -103,22 +128,31 @@ def parse_args(argv):
     files, overrides, rest = split_args(argv)
     p = ArgumentParser(prog="train_bench.py", description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, help="per-GPU batch of both stages (default: 128 on CUDA, 8 on the CPU)")
-    p.add_argument("--quick", action="store_true", help="few steps; no max-autotune; on the CPU the small model "
-                   "and no compile")
+    p.add_argument(
+        "--quick", action="store_true", help="few steps; no max-autotune; on the CPU the small model and no compile"
+    )
     p.add_argument("--small", action="store_true", help="the small model of configs/smoke.toml")
-    p.add_argument("--warmup", type=int, help="warm-up steps, the first timed alone (default 5; --quick 3 on CUDA, "
-                   "2 on the CPU)")
+    p.add_argument(
+        "--warmup", type=int, help="warm-up steps, the first timed alone (default 5; --quick 3 on CUDA, 2 on the CPU)"
+    )
     p.add_argument("--steps", type=int, help="timed steps (default 20; --quick 10 on CUDA, 3 on the CPU)")
     p.add_argument("--stages", default="vqvae,encdiff", help="comma-separated: vqvae, encdiff")
     p.add_argument("--configs", help=f"comma-separated rows to run (default all): {', '.join(ROWS)}")
-    p.add_argument("--skip", default="", help="comma-separated switches not to run, and to leave out of \"all\"")
+    p.add_argument("--skip", default="", help='comma-separated switches not to run, and to leave out of "all"')
     p.add_argument("--workers", type=int, help="DataLoader workers of the baseline (default: 4 on CUDA, 0 on the CPU)")
     p.add_argument("--budget", type=float, help="seconds: rows that would start later are skipped")
-    p.add_argument("--scaling", action="store_true", help="under torchrun: images/s per rank at 1 and N ranks, "
-                   "with the trainer's [perf] settings")
-    p.add_argument("--profile", metavar="DIR", help="profile the trainer's step (the config's [perf] settings) "
-                   "instead of the table: a torch.profiler trace per stage in DIR, and per step wall ms, kernels, "
-                   "busy ms, host syncs and the ten most expensive kernels")
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="under torchrun: images/s per rank at 1 and N ranks, with the trainer's [perf] settings",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="profile the trainer's step (the config's [perf] settings) "
+        "instead of the table: a torch.profiler trace per stage in DIR, and per step wall ms, kernels, "
+        "busy ms, host syncs and the ten most expensive kernels",
+    )
     p.add_argument("--json", metavar="PATH", help="write every number to this file")
     args = p.parse_args(rest)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -217,9 +251,15 @@ class LoaderFeed:
     def __init__(self, images, batch, workers, device, channels_last, seed):
         self.device, self.channels_last = device, channels_last
         self.loader = torch.utils.data.DataLoader(
-            IndexedImages(images), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(seed))
+            IndexedImages(images),
+            batch_size=batch,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(seed),
+        )
         self.batches = iter(self.loader)
 
     def __call__(self, step):
@@ -386,8 +426,18 @@ def run_table(args, files, overrides, d, settings, write):
     done = {stage: {} for stage in args.stages}
 
     def run_row(stage, name):
-        row = {"stage": stage, "config": name, "status": "ok", "reason": None, "error": False, "img_s": None,
-               "speedup": None, "first_step_s": None, "peak_mb": None, "loss": None}
+        row = {
+            "stage": stage,
+            "config": name,
+            "status": "ok",
+            "reason": None,
+            "error": False,
+            "img_s": None,
+            "speedup": None,
+            "first_step_s": None,
+            "peak_mb": None,
+            "loss": None,
+        }
         if name == "all":
             row["without"] = all_without(stage, d.device, args, done[stage])
         row["settings"] = row_settings(name, row.get("without", ()))
@@ -400,8 +450,11 @@ def run_table(args, files, overrides, d, settings, write):
         cfg = make_config(files, overrides, row["settings"])
         t_row = time.perf_counter()
         try:
-            row.update(measure(cfg, stage, d, images, settings["batch"], settings["warmup"], settings["steps"],
-                               settings["workers"]))
+            row.update(
+                measure(
+                    cfg, stage, d, images, settings["batch"], settings["warmup"], settings["steps"], settings["workers"]
+                )
+            )
         except Exception as e:  # a row that cannot run is reported, never ends the run
             row["status"], row["reason"], row["error"] = "skipped", first_line(e), True
         row["row_s"] = time.perf_counter() - t_row
@@ -423,24 +476,32 @@ def run_table(args, files, overrides, d, settings, write):
     # "all" failed: once more without the switches that failed alone, if any did
     for stage in args.stages:
         failed = done[stage].get("all")
-        if failed is not None and failed["error"] and all_without(stage, d.device, args, done[stage]) != failed["without"]:
+        if (
+            failed is not None
+            and failed["error"]
+            and all_without(stage, d.device, args, done[stage]) != failed["without"]
+        ):
             emit(run_row(stage, "all"), replaces=failed)
     return rows
 
 
 def all_without(stage, device, args, done):
     """The ALL_ON switches that "all" leaves out: those known not to run here, and those that failed alone."""
+
     def left_out(s):
         skip = known_skip(s, stage, device, args)
         return (skip is not None and skip[0] == "skipped") or done.get(s, {}).get("error", False)
+
     return [s for s in ALL_ON if left_out(s)]
 
 
 def progress_line(row):
     if row["status"] != "ok":
         return f"{row['stage']:>7} | {row['config']:34} | {row['status']}: {row['reason']}"
-    return (f"{row['stage']:>7} | {row['config']:34} | {row['img_s']:9.1f} img/s | first step {row['first_step_s']:7.2f} s"
-            f" | peak {row['peak_mb']:8.0f} MB | loss {row['loss']:.4f}")
+    return (
+        f"{row['stage']:>7} | {row['config']:34} | {row['img_s']:9.1f} img/s | first step {row['first_step_s']:7.2f} s"
+        f" | peak {row['peak_mb']:8.0f} MB | loss {row['loss']:.4f}"
+    )
 
 
 def add_speedups(rows):
@@ -453,8 +514,12 @@ def markdown_tables(rows):
     """One table per stage, rows in the order of ROWS."""
     out = []
     for stage in dict.fromkeys(r["stage"] for r in rows):
-        out += [f"### {STAGE_TITLES[stage]}", "", "| config | img/s | speedup vs baseline | first-step s | peak MB |",
-                "|---|---:|---:|---:|---:|"]
+        out += [
+            f"### {STAGE_TITLES[stage]}",
+            "",
+            "| config | img/s | speedup vs baseline | first-step s | peak MB |",
+            "|---|---:|---:|---:|---:|",
+        ]
         by_name = {r["config"]: r for r in rows if r["stage"] == stage}
         for name in ROWS:
             r = by_name.get(name)
@@ -475,17 +540,26 @@ def markdown_tables(rows):
 def target_lines(rows, batch, device):
     """Issue 13's targets: stage 2 with every switch at least 10x the baseline of this run at per-GPU
     batch 128, stage 1 at least 10,000 img/s at batch 256, both on a GPU."""
-    targets = (("encdiff", TARGET_BATCH, "speedup", TARGET_SPEEDUP, "{:.2f}x the baseline", f">= {TARGET_SPEEDUP:g}x"),
-               ("vqvae", TARGET_VQ_BATCH, "img_s", TARGET_VQ_IMG_S, "{:.0f} img/s", f">= {TARGET_VQ_IMG_S:,}"))
+    targets = (
+        ("encdiff", TARGET_BATCH, "speedup", TARGET_SPEEDUP, "{:.2f}x the baseline", f">= {TARGET_SPEEDUP:g}x"),
+        ("vqvae", TARGET_VQ_BATCH, "img_s", TARGET_VQ_IMG_S, "{:.0f} img/s", f">= {TARGET_VQ_IMG_S:,}"),
+    )
     lines = []
     for stage, target_batch, key, want, fmt, wanted in targets:
         r = next((r for r in rows if r["stage"] == stage and r["config"] == "all"), None)
         if r is None or not r[key]:
             continue
-        where = (f" (measured on {device.type}: not the target's setting)" if device.type != "cuda" else
-                 "" if batch == target_batch else f" (measured at batch {batch})")
-        lines.append(f"target: {STAGE_TITLES[stage]}, all switches, per-GPU batch {target_batch}: "
-                     f"{fmt.format(r[key])} (want {wanted}): {'met' if r[key] >= want else 'NOT met'}{where}")
+        where = (
+            f" (measured on {device.type}: not the target's setting)"
+            if device.type != "cuda"
+            else ""
+            if batch == target_batch
+            else f" (measured at batch {batch})"
+        )
+        lines.append(
+            f"target: {STAGE_TITLES[stage]}, all switches, per-GPU batch {target_batch}: "
+            f"{fmt.format(r[key])} (want {wanted}): {'met' if r[key] >= want else 'NOT met'}{where}"
+        )
     return lines
 
 
@@ -505,8 +579,9 @@ def run_profile(args, cfg, d, settings):
     for stage in args.stages:
         release_memory(d.device)
         with tf32(cfg.perf.tf32 and on_cuda):
-            st = build_step(stage, step_config(cfg, settings["batch"], d), d, images.to(d.device) if
-                            cfg.data.on_device else images)
+            st = build_step(
+                stage, step_config(cfg, settings["batch"], d), d, images.to(d.device) if cfg.data.on_device else images
+            )
             for i in range(settings["warmup"]):
                 st(i)
             clock(d.device)
@@ -537,32 +612,55 @@ def run_scaling(args, files, overrides, d, settings):
     for stage in args.stages:
         single = None
         if d.is_main:
-            single = measure(cfg, stage, alone, images, settings["batch"], settings["warmup"], settings["steps"],
-                             settings["workers"])
+            single = measure(
+                cfg, stage, alone, images, settings["batch"], settings["warmup"], settings["steps"], settings["workers"]
+            )
         dist.barrier()  # the other ranks wait while rank 0 runs alone
         results = [single]
         if d.enabled:
-            mine = measure(cfg, stage, d, images, settings["batch"], settings["warmup"], settings["steps"],
-                           settings["workers"])
+            mine = measure(
+                cfg, stage, d, images, settings["batch"], settings["warmup"], settings["steps"], settings["workers"]
+            )
             results = [None] * d.world_size
             torch.distributed.all_gather_object(results, mine)
         if d.is_main:
-            rows.append({"stage": stage, "ranks": 1, "img_s_per_rank": single["img_s"], "img_s_total": single["img_s"],
-                         "efficiency": 1.0, "peak_mb": single["peak_mb"]})
+            rows.append(
+                {
+                    "stage": stage,
+                    "ranks": 1,
+                    "img_s_per_rank": single["img_s"],
+                    "img_s_total": single["img_s"],
+                    "efficiency": 1.0,
+                    "peak_mb": single["peak_mb"],
+                }
+            )
             if d.enabled:
                 per_rank = [r["img_s"] for r in results]
                 mean = sum(per_rank) / len(per_rank)
-                rows.append({"stage": stage, "ranks": d.world_size, "img_s_per_rank": mean, "img_s_total": sum(per_rank),
-                             "efficiency": mean / single["img_s"], "per_rank": per_rank,
-                             "peak_mb": max(r["peak_mb"] for r in results)})
+                rows.append(
+                    {
+                        "stage": stage,
+                        "ranks": d.world_size,
+                        "img_s_per_rank": mean,
+                        "img_s_total": sum(per_rank),
+                        "efficiency": mean / single["img_s"],
+                        "per_rank": per_rank,
+                        "peak_mb": max(r["peak_mb"] for r in results),
+                    }
+                )
     return rows, cfg
 
 
 def scaling_table(rows):
-    out = ["| stage | ranks | img/s per rank | total img/s | scaling efficiency | peak MB |", "|---|---:|---:|---:|---:|---:|"]
+    out = [
+        "| stage | ranks | img/s per rank | total img/s | scaling efficiency | peak MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        out.append(f"| {r['stage']} | {r['ranks']} | {r['img_s_per_rank']:.1f} | {r['img_s_total']:.1f} | "
-                   f"{100 * r['efficiency']:.0f}% | {r['peak_mb']:.0f} |")
+        out.append(
+            f"| {r['stage']} | {r['ranks']} | {r['img_s_per_rank']:.1f} | {r['img_s_total']:.1f} | "
+            f"{100 * r['efficiency']:.0f}% | {r['peak_mb']:.0f} |"
+        )
     return "\n".join(out)
 
 
@@ -581,8 +679,11 @@ def run_settings(args, device):
 
 def model_sizes(cfg):
     e = cfg.encdiff
-    return {"vqvae": count_params(build_vq(cfg.vqvae)), "encoder": count_params(build_encoder(e)),
-            "unet": count_params(build_unet(e, cfg.vqvae.embed_dim))}
+    return {
+        "vqvae": count_params(build_vq(cfg.vqvae)),
+        "encoder": count_params(build_encoder(e)),
+        "unet": count_params(build_unet(e, cfg.vqvae.embed_dim)),
+    }
 
 
 def main(argv=None):
@@ -601,18 +702,26 @@ def main(argv=None):
     overrides = [*(small_model_overrides() if small else []), *overrides]
     settings = run_settings(args, d.device)
     cfg = make_config(files, overrides)
-    meta = {"device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
-            "cpu_threads": torch.get_num_threads(), **versions(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
-            "model": "small (configs/smoke.toml)" if small else "default", "params": model_sizes(cfg),
-            "world_size": d.world_size, **settings}
-    header = (f"device {meta['device']} ({meta['cpu_threads']} CPU threads), torch {meta['torch']}, triton {meta['triton']}, "
-              f"xformers {meta['xformers']}, commit {meta['commit']}, {meta['date']}\n"
-              f"command: {meta['command']}\n"
-              f"model {meta['model']}: VQ {meta['params']['vqvae']:,}, encoder {meta['params']['encoder']:,}, "
-              f"U-Net {meta['params']['unet']:,} parameters; per-GPU batch {settings['batch']}, "
-              f"{settings['warmup']} warm-up + {settings['steps']} timed steps, baseline DataLoader workers {settings['workers']}")
+    meta = {
+        "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        **versions(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+        "model": "small (configs/smoke.toml)" if small else "default",
+        "params": model_sizes(cfg),
+        "world_size": d.world_size,
+        **settings,
+    }
+    header = (
+        f"device {meta['device']} ({meta['cpu_threads']} CPU threads), torch {meta['torch']}, triton {meta['triton']}, "
+        f"xformers {meta['xformers']}, commit {meta['commit']}, {meta['date']}\n"
+        f"command: {meta['command']}\n"
+        f"model {meta['model']}: VQ {meta['params']['vqvae']:,}, encoder {meta['params']['encoder']:,}, "
+        f"U-Net {meta['params']['unet']:,} parameters; per-GPU batch {settings['batch']}, "
+        f"{settings['warmup']} warm-up + {settings['steps']} timed steps, "
+        f"baseline DataLoader workers {settings['workers']}"
+    )
 
     def write_json(report):
         if args.json and d.is_main:
@@ -641,8 +750,10 @@ def main(argv=None):
     print()
     print(header)
     if d.device.type != "cuda":
-        print("CPU: `dataset on device` is train.py's in-memory batch gather (no DataLoader); peak MB is the "
-              "process's peak RSS during the configuration")
+        print(
+            "CPU: `dataset on device` is train.py's in-memory batch gather (no DataLoader); peak MB is the "
+            "process's peak RSS during the configuration"
+        )
     print(markdown_tables(rows))
     targets = target_lines(rows, settings["batch"], d.device)
     for line in targets:

@@ -17,6 +17,7 @@ self-contained), `opt.*`, `guard.*`, `rng.noise` (the t/noise generator) and `sc
 metadata of both: step, stage, the resolved config (which builds the models back), the optimisers'
 param groups, and for stage 2 `vq_source` and `factor_sizes`.
 """
+
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,11 +101,15 @@ def frozen_vq(cfg, out_dir, device):
     else:
         found = ckpt.latest_good_checkpoint(Path(out_dir) / "vqvae")
         if found is None:
-            raise UserError(f"no VQ checkpoint in {Path(out_dir) / 'vqvae'}: run the vqvae stage first or set vqvae.ckpt")
+            raise UserError(
+                f"no VQ checkpoint in {Path(out_dir) / 'vqvae'}: run the vqvae stage first or set vqvae.ckpt"
+            )
         path, tensors, meta = found
     if meta["stage"] != "vqvae":
-        raise UserError(f"{path}: a {meta['stage']} (stage 2) checkpoint; vqvae.ckpt needs a stage-1 (vqvae) "
-                        f"checkpoint, ckpt_*.safetensors in a run's vqvae/ folder")
+        raise UserError(
+            f"{path}: a {meta['stage']} (stage 2) checkpoint; vqvae.ckpt needs a stage-1 (vqvae) "
+            f"checkpoint, ckpt_*.safetensors in a run's vqvae/ folder"
+        )
     config_lib.check_same_vq(_stored_config(meta, path), cfg, path)
     vq = build_vq(cfg.vqvae)
     load_weights(vq, ckpt.unprefixed("model", tensors), "model", path)
@@ -118,9 +123,13 @@ def frozen_vq(cfg, out_dir, device):
 def save_encdiff(path, step, st, cfg, vq_source, factor_sizes=None):
     """The stage-2 checkpoint of EncDiffStep `st` after `step` updates."""
     model = st.model
-    tensors = {**ckpt.prefixed("encoder", model.encoder.state_dict()), **ckpt.prefixed("unet", model.unet.state_dict()),
-               **ckpt.prefixed("ema", st.ema.state_dict()), **ckpt.prefixed("vq", st.vq.state_dict()),
-               **_guard_tensors(st.guard)}
+    tensors = {
+        **ckpt.prefixed("encoder", model.encoder.state_dict()),
+        **ckpt.prefixed("unet", model.unet.state_dict()),
+        **ckpt.prefixed("ema", st.ema.state_dict()),
+        **ckpt.prefixed("vq", st.vq.state_dict()),
+        **_guard_tensors(st.guard),
+    }
     opt_t, groups = ckpt.optimizer_to_tensors(st.opt, "opt")
     tensors.update(opt_t)
     tensors["rng.noise"] = st.noise_gen.get_state().clone()
@@ -204,20 +213,33 @@ def load_trained(path, files=(), overrides=()):
     unet = build_unet(cfg.encdiff, latent_channels=cfg.vqvae.embed_dim, attn_backend=cfg.perf.attention)
     ema = ckpt.unprefixed("ema", tensors)
     # with encdiff.ema_all the EMA is the whole EncDiff module's (encoder.*, unet.*); else the U-Net's
-    ema_unet, ema_encoder = ((ckpt.unprefixed("unet", ema), ckpt.unprefixed("encoder", ema)) if stored.encdiff.ema_all
-                             else (ema, {}))
+    ema_unet, ema_encoder = (
+        (ckpt.unprefixed("unet", ema), ckpt.unprefixed("encoder", ema)) if stored.encdiff.ema_all else (ema, {})
+    )
     live_encoder, live_unet = ckpt.unprefixed("encoder", tensors), ckpt.unprefixed("unet", tensors)
-    load_weights(encoder, with_ema_parameters(encoder, live_encoder, ema_encoder) if live_encoder else {}, "encoder",
-                 ckpt_path)
+    load_weights(
+        encoder, with_ema_parameters(encoder, live_encoder, ema_encoder) if live_encoder else {}, "encoder", ckpt_path
+    )
     load_weights(unet, with_ema_parameters(unet, live_unet, ema_unet) if live_unet else {}, "unet", ckpt_path)
 
     vq, encoder, unet = (m.to(device).eval().requires_grad_(False) for m in (vq, encoder, unet))
     if cfg.perf.channels_last and device.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
-    return Trained(cfg=cfg, vq=vq, encoder=encoder, unet=unet, diffusion=build_diffusion(cfg.encdiff).to(device),
-                   scale=float(tensors["scale_factor"]), device=device,
-                   amp=runtime.autocast(runtime.precision(cfg.perf.precision, device), device), path=ckpt_path,
-                   step=int(meta["step"]), stored=stored, meta=meta, ignored=ignored)
+    return Trained(
+        cfg=cfg,
+        vq=vq,
+        encoder=encoder,
+        unet=unet,
+        diffusion=build_diffusion(cfg.encdiff).to(device),
+        scale=float(tensors["scale_factor"]),
+        device=device,
+        amp=runtime.autocast(runtime.precision(cfg.perf.precision, device), device),
+        path=ckpt_path,
+        step=int(meta["step"]),
+        stored=stored,
+        meta=meta,
+        ignored=ignored,
+    )
 
 
 def trained_from_step(st):
@@ -225,5 +247,13 @@ def trained_from_step(st):
     model = copy.deepcopy(st.model).eval().requires_grad_(False)
     ema_module = model if st.ema_module is st.model else model.unet
     ema_module.load_state_dict({**ema_module.state_dict(), **st.ema.state_dict()})
-    return Trained(cfg=st.cfg, vq=st.vq, encoder=model.encoder, unet=model.unet, diffusion=model.diffusion,
-                   scale=float(st.scale), device=st.d.device, amp=st.amp)
+    return Trained(
+        cfg=st.cfg,
+        vq=st.vq,
+        encoder=model.encoder,
+        unet=model.unet,
+        diffusion=model.diffusion,
+        scale=float(st.scale),
+        device=st.d.device,
+        amp=st.amp,
+    )

@@ -6,6 +6,7 @@ and string metadata: `step`, `stage`, `config` (the resolved TOML), `versions`, 
 truncated or bit-flipped file is detected. Nothing is ever unpickled. Writes are atomic
 (temporary file, fsync, rename) and the last K checkpoints of a stage are kept.
 """
+
 import hashlib
 import json
 import os

@@ -6,6 +6,7 @@ Unknown tables or keys, wrong types and invalid values raise UserError naming th
 came from, before any data is read or any model is built. `to_toml(cfg)` writes the resolved
 config; `from_toml_text` reads it back to an identical Config.
 """
+
 import copy
 import dataclasses
 import math
@@ -104,7 +105,9 @@ class EncDiffConfig:
     schedule: str = "cosine"  # "cosine" (paper) or "linear" (release)
     loss: str = "l2"  # "l2" (paper) or "l1" (release)
     prediction: str = "eps"  # what the U-Net predicts: "eps" (paper, release), "v" or "x0" (encdiff/diffusion.py)
-    t_power: float = 0.0  # training timesteps drawn with density ~ (t/T)^t_power: 0 uniform (paper), > 0 favours noisy steps
+    t_power: float = (
+        0.0  # training timesteps drawn with density ~ (t/T)^t_power: 0 uniform (paper), > 0 favours noisy steps
+    )
     grad_checkpoint: bool = False
 
 
@@ -311,10 +314,17 @@ def validate(cfg, sources=None):
     r, d, v, e, p, ev = cfg.run, cfg.data, cfg.vqvae, cfg.encdiff, cfg.perf, cfg.eval
     _check(r.out_dir != "", "run.out_dir", "must not be empty")
     _check(r.resume in ("auto", "never"), "run.resume", f"must be 'auto' or 'never'; got {r.resume!r}")
-    _check(len(r.stages) > 0 and all(s in STAGES for s in r.stages), "run.stages", f"must be a non-empty subset of {list(STAGES)}; got {r.stages}")
+    _check(
+        len(r.stages) > 0 and all(s in STAGES for s in r.stages),
+        "run.stages",
+        f"must be a non-empty subset of {list(STAGES)}; got {r.stages}",
+    )
     _one_of(r.device, ("auto", "cuda", "cpu"), "run.device")
-    _check(all(sig in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP") for sig in r.stop_signals), "run.stop_signals",
-           f"must be among SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP; got {r.stop_signals}")
+    _check(
+        all(sig in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP") for sig in r.stop_signals),
+        "run.stop_signals",
+        f"must be among SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP; got {r.stop_signals}",
+    )
     for k in ("stop_check_every", "max_nonfinite", "init_timeout"):
         _check(getattr(r, k) > 0, f"run.{k}", f"must be positive; got {getattr(r, k)}")
     for k in ("log_every", "ckpt_every", "keep_last", "image_every"):
@@ -326,13 +336,29 @@ def validate(cfg, sources=None):
         _check(sec.steps > 0, f"{name}.steps", f"must be positive; got {sec.steps}")
         _check(sec.batch_size > 0, f"{name}.batch_size", f"must be positive; got {sec.batch_size}")
         _check(sec.lr > 0, f"{name}.lr", f"must be positive; got {sec.lr}")
-        _check(len(sec.betas) == 2 and all(0 <= b < 1 for b in sec.betas), f"{name}.betas", f"must be two numbers in [0, 1); got {sec.betas}")
+        _check(
+            len(sec.betas) == 2 and all(0 <= b < 1 for b in sec.betas),
+            f"{name}.betas",
+            f"must be two numbers in [0, 1); got {sec.betas}",
+        )
     _one_of(v.kind, ("vq", "kl", "pool"), "vqvae.kind")
-    _check(v.kind != "pool" or v.embed_dim == 3, "vqvae.embed_dim", f"must be 3 with kind = 'pool' (the latent is the image); got {v.embed_dim}")
-    _check(v.pool_size > 0 and 64 % v.pool_size == 0, "vqvae.pool_size", f"must divide the 64-pixel image; got {v.pool_size}")
+    _check(
+        v.kind != "pool" or v.embed_dim == 3,
+        "vqvae.embed_dim",
+        f"must be 3 with kind = 'pool' (the latent is the image); got {v.embed_dim}",
+    )
+    _check(
+        v.pool_size > 0 and 64 % v.pool_size == 0,
+        "vqvae.pool_size",
+        f"must divide the 64-pixel image; got {v.pool_size}",
+    )
     _check(v.kl_weight >= 0, "vqvae.kl_weight", f"must be >= 0; got {v.kl_weight}")
     _check(v.ch > 0, "vqvae.ch", f"must be positive; got {v.ch}")
-    _check(len(v.ch_mult) > 0 and all(m > 0 for m in v.ch_mult), "vqvae.ch_mult", f"must be positive numbers; got {v.ch_mult}")
+    _check(
+        len(v.ch_mult) > 0 and all(m > 0 for m in v.ch_mult),
+        "vqvae.ch_mult",
+        f"must be positive numbers; got {v.ch_mult}",
+    )
     for k in ("enc_res_blocks", "dec_res_blocks", "z_channels", "embed_dim", "n_embed"):
         _check(getattr(v, k) > 0, f"vqvae.{k}", f"must be positive; got {getattr(v, k)}")
     for k in ("beta", "disc_weight", "disc_start"):
@@ -343,11 +369,23 @@ def validate(cfg, sources=None):
     _check(0 <= e.ema_decay < 1, "encdiff.ema_decay", f"must be in [0, 1); got {e.ema_decay}")
     for k in ("num_tokens", "token_dim", "encoder_ch", "model_channels", "num_res_blocks", "num_heads", "timesteps"):
         _check(getattr(e, k) > 0, f"encdiff.{k}", f"must be positive; got {getattr(e, k)}")
-    _check(len(e.channel_mult) > 0 and all(m > 0 for m in e.channel_mult), "encdiff.channel_mult", f"must be positive numbers; got {e.channel_mult}")
-    _check(all(0 <= a < len(e.channel_mult) for a in e.attention_levels), "encdiff.attention_levels", f"must be level indices below {len(e.channel_mult)}; got {e.attention_levels}")
+    _check(
+        len(e.channel_mult) > 0 and all(m > 0 for m in e.channel_mult),
+        "encdiff.channel_mult",
+        f"must be positive numbers; got {e.channel_mult}",
+    )
+    _check(
+        all(0 <= a < len(e.channel_mult) for a in e.attention_levels),
+        "encdiff.attention_levels",
+        f"must be level indices below {len(e.channel_mult)}; got {e.attention_levels}",
+    )
     for m in e.channel_mult:
         c = e.model_channels * m
-        _check(c % 32 == 0 and c % e.num_heads == 0, "encdiff.model_channels", f"every level's channels ({c}) must be divisible by 32 and by num_heads={e.num_heads}")
+        _check(
+            c % 32 == 0 and c % e.num_heads == 0,
+            "encdiff.model_channels",
+            f"every level's channels ({c}) must be divisible by 32 and by num_heads={e.num_heads}",
+        )
     _check(0 <= e.dropout < 1, "encdiff.dropout", f"must be in [0, 1); got {e.dropout}")
     _one_of(e.schedule, ("cosine", "linear"), "encdiff.schedule")
     _one_of(e.loss, ("l1", "l2"), "encdiff.loss")
@@ -356,10 +394,17 @@ def validate(cfg, sources=None):
     _one_of(p.precision, PRECISIONS, "perf.precision")
     _one_of(p.compile, COMPILE_MODES, "perf.compile")
     _one_of(p.attention, ATTENTION_BACKENDS, "perf.attention")
-    _check(all(m in METRIC_NAMES for m in ev.metrics), "eval.metrics", f"unknown metric in {ev.metrics}; known: {', '.join(METRIC_NAMES)}")
+    _check(
+        all(m in METRIC_NAMES for m in ev.metrics),
+        "eval.metrics",
+        f"unknown metric in {ev.metrics}; known: {', '.join(METRIC_NAMES)}",
+    )
     _check(ev.batch_size > 0, "eval.batch_size", f"must be positive; got {ev.batch_size}")
-    _check(0 < ev.ddim_steps <= e.timesteps, "eval.ddim_steps",
-           f"must be between 1 and encdiff.timesteps ({e.timesteps}); got {ev.ddim_steps}")
+    _check(
+        0 < ev.ddim_steps <= e.timesteps,
+        "eval.ddim_steps",
+        f"must be between 1 and encdiff.timesteps ({e.timesteps}); got {ev.ddim_steps}",
+    )
     for key, seed in (("run.seed", r.seed), ("eval.seed", ev.seed)):
         _check(0 <= seed < 2**32, key, f"must be in [0, 2^32); got {seed}")
 
@@ -374,22 +419,85 @@ def validate(cfg, sources=None):
 # ARCH_KEYS: what a stage's modules are built from (their shapes); the rest of STAGE_KEYS is how
 # they are trained.
 ARCH_KEYS = {
-    "vqvae": ("kind", "pool_size", "ch", "ch_mult", "enc_res_blocks", "dec_res_blocks", "z_channels", "embed_dim", "n_embed"),
-    "encdiff": ("num_tokens", "token_dim", "encoder_ch", "model_channels", "channel_mult", "num_res_blocks",
-                "attention_levels", "num_heads", "timesteps", "schedule"),
+    "vqvae": (
+        "kind",
+        "pool_size",
+        "ch",
+        "ch_mult",
+        "enc_res_blocks",
+        "dec_res_blocks",
+        "z_channels",
+        "embed_dim",
+        "n_embed",
+    ),
+    "encdiff": (
+        "num_tokens",
+        "token_dim",
+        "encoder_ch",
+        "model_channels",
+        "channel_mult",
+        "num_res_blocks",
+        "attention_levels",
+        "num_heads",
+        "timesteps",
+        "schedule",
+    ),
 }
 VQ_ARCH_KEYS = ARCH_KEYS["vqvae"]
 STAGE_KEYS = {
-    "vqvae": {"run": ("seed",), "data": ("name", "grid"),
-              "vqvae": (*VQ_ARCH_KEYS, "kl_weight", "batch_size", "lr", "betas", "beta", "ema_codebook", "use_gan",
-                        "disc_start", "disc_weight", "lpips_path")},
-    "encdiff": {"run": ("seed",), "data": ("name", "grid"), "vqvae": VQ_ARCH_KEYS,
-                "encdiff": (*ARCH_KEYS["encdiff"], "batch_size", "lr", "lr_ref_batch", "warmup_steps", "weight_decay",
-                            "betas", "ema_decay", "ema_all", "dropout", "loss", "prediction", "t_power")},
+    "vqvae": {
+        "run": ("seed",),
+        "data": ("name", "grid"),
+        "vqvae": (
+            *VQ_ARCH_KEYS,
+            "kl_weight",
+            "batch_size",
+            "lr",
+            "betas",
+            "beta",
+            "ema_codebook",
+            "use_gan",
+            "disc_start",
+            "disc_weight",
+            "lpips_path",
+        ),
+    },
+    "encdiff": {
+        "run": ("seed",),
+        "data": ("name", "grid"),
+        "vqvae": VQ_ARCH_KEYS,
+        "encdiff": (
+            *ARCH_KEYS["encdiff"],
+            "batch_size",
+            "lr",
+            "lr_ref_batch",
+            "warmup_steps",
+            "weight_decay",
+            "betas",
+            "ema_decay",
+            "ema_all",
+            "dropout",
+            "loss",
+            "prediction",
+            "t_power",
+        ),
+    },
 }
 FREE_KEYS = {
-    "run": ("out_dir", "resume", "stages", "device", "log_every", "ckpt_every", "keep_last", "image_every",
-            "stop_signals", "stop_check_every", "max_nonfinite", "init_timeout"),
+    "run": (
+        "out_dir",
+        "resume",
+        "stages",
+        "device",
+        "log_every",
+        "ckpt_every",
+        "keep_last",
+        "image_every",
+        "stop_signals",
+        "stop_check_every",
+        "max_nonfinite",
+        "init_timeout",
+    ),
     "data": ("path", "on_device"),
     "vqvae": ("steps", "ckpt"),
     "encdiff": ("steps", "grad_checkpoint"),
@@ -409,16 +517,20 @@ def _differences(stored, cfg, keys):
 def check_resumable(stored, cfg, stage, path):
     """A checkpoint of `stage` trained with other values of its STAGE_KEYS is one clear error."""
     for key, then, now in _differences(stored, cfg, STAGE_KEYS[stage]):
-        raise UserError(f"{path}: this {stage} run was trained with {key} = {_toml_value(then)}, the config now says "
-                        f"{_toml_value(now)}; use those values to resume it, or start a new run with another "
-                        f"run.out_dir")
+        raise UserError(
+            f"{path}: this {stage} run was trained with {key} = {_toml_value(then)}, the config now says "
+            f"{_toml_value(now)}; use those values to resume it, or start a new run with another "
+            f"run.out_dir"
+        )
 
 
 def check_same_vq(stored, cfg, path):
     """The frozen first stage of stage 2 must be the one the config describes (it is rebuilt from it)."""
     for key, then, now in _differences(stored, cfg, {"vqvae": VQ_ARCH_KEYS}):
-        raise UserError(f"{path}: checkpoint from an incompatible model config: {key} is {_toml_value(then)} "
-                        f"there, {_toml_value(now)} here")
+        raise UserError(
+            f"{path}: checkpoint from an incompatible model config: {key} is {_toml_value(then)} "
+            f"there, {_toml_value(now)} here"
+        )
 
 
 def keep_model_tables(cfg, stored):
@@ -428,7 +540,9 @@ def keep_model_tables(cfg, stored):
     ignored = []
     for table in STAGES:
         now, then = getattr(cfg, table), getattr(stored, table)
-        ignored += [f"{table}.{f.name}" for f in dataclasses.fields(now) if getattr(now, f.name) != getattr(then, f.name)]
+        ignored += [
+            f"{table}.{f.name}" for f in dataclasses.fields(now) if getattr(now, f.name) != getattr(then, f.name)
+        ]
         setattr(cfg, table, then)
     return ignored
 

@@ -7,6 +7,7 @@
 The schedule lives in fp32 buffers on the module's device, so a step does no host work and no
 Python float that changes between steps reaches a compiled function.
 """
+
 import math
 
 import torch
@@ -44,8 +45,17 @@ def gather(buffer, t, ndim):
 class Diffusion(nn.Module):
     """Diffusion with T steps; model_fn(x_t, t) -> the prediction (noise, v or x0)."""
 
-    def __init__(self, timesteps=1000, schedule="cosine", loss="l2", linear_start=0.0015,
-                 linear_end=0.0155, cosine_s=8e-3, prediction="eps", t_power=0.0):
+    def __init__(
+        self,
+        timesteps=1000,
+        schedule="cosine",
+        loss="l2",
+        linear_start=0.0015,
+        linear_end=0.0155,
+        cosine_s=8e-3,
+        prediction="eps",
+        t_power=0.0,
+    ):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"diffusion.schedule={schedule!r} must be one of {SCHEDULES}")
@@ -67,15 +77,20 @@ class Diffusion(nn.Module):
             betas = cosine_betas(timesteps, cosine_s)
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         # computed in float64, stored in fp32; not in state_dict (a function of the config)
-        for name, value in (("betas", betas), ("alphas_cumprod", alphas_cumprod),
-                            ("sqrt_alphas_cumprod", alphas_cumprod.sqrt()),
-                            ("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt())):
+        for name, value in (
+            ("betas", betas),
+            ("alphas_cumprod", alphas_cumprod),
+            ("sqrt_alphas_cumprod", alphas_cumprod.sqrt()),
+            ("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt()),
+        ):
             self.register_buffer(name, value.float(), persistent=False)
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
-        return (gather(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
-                + gather(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+        return (
+            gather(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
+            + gather(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+        )
 
     def target(self, x0, t, noise):
         """What model_fn should output at x_t = q_sample(x0, t, noise)."""
@@ -83,8 +98,10 @@ class Diffusion(nn.Module):
             return noise
         if self.prediction == "x0":
             return x0
-        return (gather(self.sqrt_alphas_cumprod, t, x0.ndim) * noise
-                - gather(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+        return (
+            gather(self.sqrt_alphas_cumprod, t, x0.ndim) * noise
+            - gather(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0
+        )
 
     def to_x0_eps(self, x_t, a, out):
         """(x0, eps) implied by the prediction `out` at x_t, where alpha_bar = a (a scalar tensor)."""
@@ -137,8 +154,7 @@ class Diffusion(nn.Module):
         return ts, a, a_prev, sigma
 
     @torch.no_grad()
-    def ddim_sample(self, model_fn, shape, context=None, steps=200, eta=1.0, generator=None,
-                    progress=False, x_T=None):
+    def ddim_sample(self, model_fn, shape, context=None, steps=200, eta=1.0, generator=None, progress=False, x_T=None):
         """DDIM (Song et al.) from pure noise (or x_T); eta=1 has DDPM's posterior variance, eta=0
         is deterministic. The final step goes to alpha_bar = 1, so it returns the predicted x0."""
         device = self.betas.device

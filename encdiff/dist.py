@@ -1,6 +1,7 @@
 """The distributed helper: read the torchrun environment, set the device before init, and the
 few collectives the trainer needs. Works for `python train.py` (one process, no process group)
 and under torchrun on one or several nodes (NCCL on CUDA, gloo on the CPU)."""
+
 import os
 import sys
 import threading
@@ -38,8 +39,12 @@ def init_with_watchdog(backend, timeout_s, rank, **kwargs):
 
     def watchdog():
         if not done.wait(timeout_s):
-            print(f"rank {rank}: init_process_group did not return within {timeout_s:g} s (run.init_timeout); "
-                  f"exiting so that torchrun can restart the group", file=sys.stderr, flush=True)
+            print(
+                f"rank {rank}: init_process_group did not return within {timeout_s:g} s (run.init_timeout); "
+                f"exiting so that torchrun can restart the group",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(INIT_HUNG_EXIT)
 
     threading.Thread(target=watchdog, name="init-watchdog", daemon=True).start()

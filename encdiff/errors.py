@@ -2,6 +2,7 @@
 
 Entry points catch it and print its message as one line, exit status 2, no traceback.
 """
+
 import sys
 
 

@@ -10,6 +10,7 @@
 evaluate.py is the command line around these (and encdiff/pictures.py's); they are here so tests and
 notebooks can reuse them.
 """
+
 import json
 import math
 from contextlib import nullcontext
@@ -65,7 +66,9 @@ def random_encoder(trained, seed, ds=None, calibration_images=1024):
         encoder.train()
         with torch.no_grad():
             for chunk in np.array_split(idx, max(1, len(idx) // 256)):
-                x = uint8_to_model(torch.from_numpy(np.asarray(ds.images[chunk])).to(trained.device), trained.channels_last)
+                x = uint8_to_model(
+                    torch.from_numpy(np.asarray(ds.images[chunk])).to(trained.device), trained.channels_last
+                )
                 encoder(x)
     return encoder.eval()
 
@@ -101,19 +104,25 @@ def open_eval_dataset(trained):
     cfg, stored = trained.cfg, trained.stored
     ds = open_dataset(cfg.data.name, cfg.data.path)
     if tuple(ds.images.shape[1:]) != IMAGE_SHAPE:
-        raise UserError(f"{cfg.data.path}: images are {'x'.join(map(str, ds.images.shape[1:]))}; the concept encoder needs 64x64x3")
+        raise UserError(
+            f"{cfg.data.path}: images are {'x'.join(map(str, ds.images.shape[1:]))}; the concept encoder needs 64x64x3"
+        )
     sizes = ds.factor_sizes
     if sizes is None:
         return ds
     if len(ds) != math.prod(sizes):  # GroundTruthDataset checks this too; the metrics depend on it
         raise UserError(f"{cfg.data.path}: {len(ds)} images for a factor grid of {math.prod(sizes)}")
     if len(sizes) < 2 or min(sizes) < 2:  # checked before encoding: the metrics would refuse it after
-        raise UserError(f"{cfg.data.path}: factor sizes {sizes}: the metrics need at least 2 factors of at least 2 values")
+        raise UserError(
+            f"{cfg.data.path}: factor sizes {sizes}: the metrics need at least 2 factors of at least 2 values"
+        )
     expected = trained_factor_sizes(stored, trained.meta)
     if same_data_kind(cfg, stored) and expected is not None and sizes != expected:
         hint = "--data.grid or --data.name" if cfg.data.name == "synth3d" else "--data.name"
-        raise UserError(f"{cfg.data.path}: factor sizes {sizes} do not match the {stored.data.name} data the checkpoint "
-                        f"was trained on {expected}; point --data.path at that dataset, or name another with {hint}")
+        raise UserError(
+            f"{cfg.data.path}: factor sizes {sizes} do not match the {stored.data.name} data the checkpoint "
+            f"was trained on {expected}; point --data.path at that dataset, or name another with {hint}"
+        )
     return ds
 
 
@@ -128,7 +137,9 @@ def encode_dataset(encoder, ds, batch_size, device, amp=nullcontext(), channels_
     kept = np.zeros((len(keep), *IMAGE_SHAPE), np.uint8)
     codes = torch.empty((len(ds), encoder.num_tokens), dtype=torch.float32, device=device)
     start = 0
-    with tqdm(total=len(ds), desc="encoding", unit="img", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(ds), desc="encoding", unit="img", unit_scale=True, disable=not progress, dynamic_ncols=True
+    ) as bar:
         for chunk in ds.images.chunks(batch_size):
             n = len(chunk)
             here = (keep >= start) & (keep < start + n)
@@ -136,7 +147,7 @@ def encode_dataset(encoder, ds, batch_size, device, amp=nullcontext(), channels_
             # uint8 travels to the device (4x fewer bytes than float); conversion happens there
             x = uint8_to_model(torch.from_numpy(chunk).to(device), channels_last)  # (n, 3, 64, 64)
             with amp:
-                codes[start:start + n] = encoder.encode(x).float()
+                codes[start : start + n] = encoder.encode(x).float()
             start += n
             bar.update(n)
     if start != len(ds):
@@ -173,17 +184,21 @@ def fid_of_samples(trained, ds, inception, num_samples, steps, seed, batch_size,
     rows = np.sort(np.random.RandomState(seed).choice(len(ds), min(num_samples, len(ds)), replace=False))
     g = torch.Generator(device=trained.device).manual_seed(seed)
     real, fake = [], []
-    for start in tqdm(range(0, len(rows), batch_size), desc="FID", unit="batch", disable=not progress,
-                      dynamic_ncols=True):
-        batch = torch.from_numpy(ds.images[rows[start:start + batch_size]])  # (b, 64, 64, 3) uint8
+    for start in tqdm(
+        range(0, len(rows), batch_size), desc="FID", unit="batch", disable=not progress, dynamic_ncols=True
+    ):
+        batch = torch.from_numpy(ds.images[rows[start : start + batch_size]])  # (b, 64, 64, 3) uint8
         x = uint8_to_model(batch.to(trained.device))  # (b, 3, 64, 64)
         with trained.amp:
             _, tokens = trained.encoder(x)
         sample = decode_tokens(trained, tokens, steps, eta=1.0, generator=g)
         real.append(inception_features(inception, x))
         fake.append(inception_features(inception, sample))
-    return {"fid": fid_from_features(torch.cat(real).numpy(), torch.cat(fake).numpy()), "num_samples": len(rows),
-            "ddim_steps": steps}
+    return {
+        "fid": fid_from_features(torch.cat(real).numpy(), torch.cat(fake).numpy()),
+        "num_samples": len(rows),
+        "ddim_steps": steps,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,8 +220,11 @@ def format_table(results, baseline, dataset_name):
     if baseline is not None:
         header.append("random enc.")
     if paper:
-        header.append(f"paper EncDiff ({paper_name})" if paper_key == dataset_name
-                      else f"paper EncDiff on {paper_name} (reference only)")
+        header.append(
+            f"paper EncDiff ({paper_name})"
+            if paper_key == dataset_name
+            else f"paper EncDiff on {paper_name} (reference only)"
+        )
     rows = []
     for name, scores in results.items():
         for key, value in scores.items():

@@ -31,7 +31,8 @@ FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 HOW_TO_PROVIDE = (
     "FID skipped: it needs Inception weights, which are never downloaded here. On a machine with internet "
     f"access fetch {FID_WEIGHTS} from https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    f"{FID_WEIGHTS}, copy it here and pass --eval.inception_path=/path/to/{FID_WEIGHTS} (key layout: encdiff/fid.py)")
+    f"{FID_WEIGHTS}, copy it here and pass --eval.inception_path=/path/to/{FID_WEIGHTS} (key layout: encdiff/fid.py)"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,9 +76,15 @@ class InceptionA(nn.Module):
         self.branch_pool = BasicConv2d(cin, pool_features, 1)
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          self.branch_pool(self.pool(x))], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(self.pool(x)),
+            ],
+            1,
+        )
 
 
 class InceptionB(nn.Module):
@@ -89,8 +96,14 @@ class InceptionB(nn.Module):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, 3, stride=2),
+            ],
+            1,
+        )
 
 
 class InceptionC(nn.Module):
@@ -111,8 +124,13 @@ class InceptionC(nn.Module):
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d7 = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                     self.branch7x7dbl_5):
+        for conv in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             d7 = conv(d7)
         return torch.cat([self.branch1x1(x), b7, d7, self.branch_pool(self.pool(x))], 1)
 
@@ -149,8 +167,17 @@ class InceptionE(nn.Module):
     def forward(self, x):
         b3 = self.branch3x3_1(x)
         d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3), self.branch_pool(self.pool(x))], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(b3),
+                self.branch3x3_2b(b3),
+                self.branch3x3dbl_3a(d3),
+                self.branch3x3dbl_3b(d3),
+                self.branch_pool(self.pool(x)),
+            ],
+            1,
+        )
 
 
 class InceptionV3(nn.Module):
@@ -214,12 +241,15 @@ def load_inception(path, device="cpu"):
             state.setdefault(key, ref)  # unused in eval mode; older files lack it
             continue
         if key not in state:
-            raise UserError(f"eval.inception_path: {path} lacks '{key}' (expected torchvision's Inception3 "
-                            "key layout, see encdiff/fid.py)")
+            raise UserError(
+                f"eval.inception_path: {path} lacks '{key}' (expected torchvision's Inception3 "
+                "key layout, see encdiff/fid.py)"
+            )
         t = state[key]
         if tuple(t.shape) != tuple(ref.shape):
-            raise UserError(f"eval.inception_path: {path}: '{key}' has shape {tuple(t.shape)}, "
-                            f"expected {tuple(ref.shape)}")
+            raise UserError(
+                f"eval.inception_path: {path}: '{key}' has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
+            )
         if not t.is_floating_point() or not torch.isfinite(t).all():
             raise UserError(f"eval.inception_path: {path}: '{key}' is not finite floating point")
     model.load_state_dict({k: state[k].to(ref.dtype) for k, ref in own.items()})

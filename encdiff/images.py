@@ -1,5 +1,6 @@
 """Images between uint8 storage and the models, and PNG grids of them (pillow) for training logs and
 evaluation pictures."""
+
 from pathlib import Path
 
 import numpy as np

@@ -12,6 +12,7 @@ model. Defaults are those of disentanglement_lib's unsupervised study (the numbe
 
 Where disentanglement_lib has a quirk that changes the numbers, it is kept and marked "Quirk".
 """
+
 import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -42,15 +43,14 @@ def _check_inputs(codes, factor_sizes):
     except (TypeError, ValueError):
         raise ValueError(f"factor_sizes must be a list of integers, got {factor_sizes!r}") from None
     if len(sizes) < 2 or min(sizes) < 2:
-        raise ValueError(f"factor_sizes must list at least 2 factors of at least 2 values each, "
-                        f"got {sizes}")
+        raise ValueError(f"factor_sizes must list at least 2 factors of at least 2 values each, got {sizes}")
     codes = np.asarray(codes)
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.number):
-        raise ValueError(f"codes must be a numeric (N, C) array, "
-                        f"got shape {codes.shape} of {codes.dtype}")
+        raise ValueError(f"codes must be a numeric (N, C) array, got shape {codes.shape} of {codes.dtype}")
     if codes.shape[0] != math.prod(sizes):
-        raise ValueError(f"codes has {codes.shape[0]} rows but factor_sizes {sizes} "
-                        f"describe a grid of {math.prod(sizes)} rows")
+        raise ValueError(
+            f"codes has {codes.shape[0]} rows but factor_sizes {sizes} describe a grid of {math.prod(sizes)} rows"
+        )
     if codes.shape[1] < 2:
         raise ValueError(f"codes must have at least 2 dimensions to be scored, got {codes.shape[1]}")
     if not np.isfinite(codes).all():
@@ -89,8 +89,9 @@ def _sample_factors(rs, sizes, num):
 
 def _sample_codes_and_factors(rs, codes, sizes, num, batch_size=SAMPLE_BATCH):
     """num (code, factors) pairs drawn batch by batch: codes (num, C), factors (num, K)."""
-    factors = np.concatenate([_sample_factors(rs, sizes, min(batch_size, num - start))
-                              for start in range(0, num, batch_size)])
+    factors = np.concatenate(
+        [_sample_factors(rs, sizes, min(batch_size, num - start)) for start in range(0, num, batch_size)]
+    )
     return codes[factor_index(factors, sizes)], factors
 
 
@@ -109,8 +110,12 @@ def _histogram_discretize(x, num_bins):
 
 def _mutual_info(discrete_codes, factors):
     """(C, K) mutual information in nats between each discretised code and each factor."""
-    return np.array([[mutual_info_score(factors[:, k], discrete_codes[:, c])
-                      for k in range(factors.shape[1])] for c in range(discrete_codes.shape[1])])
+    return np.array(
+        [
+            [mutual_info_score(factors[:, k], discrete_codes[:, c]) for k in range(factors.shape[1])]
+            for c in range(discrete_codes.shape[1])
+        ]
+    )
 
 
 def _as_python(scores):
@@ -136,25 +141,37 @@ def _factor_vae_votes(rs, codes, sizes, num_votes, batch_size, global_var, activ
         index[v] = factor_index(factors, sizes)
     argmin = np.zeros(num_votes, dtype=np.int64)
     for start in range(0, num_votes, 1024):  # chunks keep the gathered codes small
-        batch = codes[index[start:start + 1024]][:, :, active]  # (votes, batch_size, active dims)
+        batch = codes[index[start : start + 1024]][:, :, active]  # (votes, batch_size, active dims)
         local_var = np.var(batch, axis=1, ddof=1)
         # argmin indexes the active dims only, as in disentanglement_lib: votes land in the first
         # num_active columns, which is harmless since columns are only compared with themselves.
-        argmin[start:start + 1024] = np.argmin(local_var / global_var[active], axis=1)
+        argmin[start : start + 1024] = np.argmin(local_var / global_var[active], axis=1)
     votes = np.zeros((len(sizes), codes.shape[1]), dtype=np.int64)
     np.add.at(votes, (fixed, argmin), 1)
     return votes
 
 
-def factor_vae_score(codes, factor_sizes, *, seed=0, num_variance_estimate=10000, num_train=10000,
-                     num_eval=5000, batch_size=64, prune_threshold=0.05):
+def factor_vae_score(
+    codes,
+    factor_sizes,
+    *,
+    seed=0,
+    num_variance_estimate=10000,
+    num_train=10000,
+    num_eval=5000,
+    batch_size=64,
+    prune_threshold=0.05,
+):
     """FactorVAE score: accuracy of a majority vote from lowest-variance code to fixed factor.
 
     Returns {"train_accuracy", "eval_accuracy", "num_active_dims"}.
     """
     codes, sizes = _check_inputs(codes, factor_sizes)
-    for name, value in [("num_variance_estimate", num_variance_estimate), ("num_train", num_train),
-                        ("num_eval", num_eval)]:
+    for name, value in [
+        ("num_variance_estimate", num_variance_estimate),
+        ("num_train", num_train),
+        ("num_eval", num_eval),
+    ]:
         _check_count(name, value)
     _check_count("batch_size", batch_size, 2)
     rs = np.random.RandomState(seed)
@@ -172,8 +189,9 @@ def factor_vae_score(codes, factor_sizes, *, seed=0, num_variance_estimate=10000
     eval_accuracy = eval_votes[classifier, columns].sum() / eval_votes.sum()
     # disentanglement_lib reports len(active) here, which is the number of all dims (active is a
     # mask); we report the active ones. The scores do not depend on it.
-    return _as_python({"train_accuracy": train_accuracy, "eval_accuracy": eval_accuracy,
-                       "num_active_dims": int(active.sum())})
+    return _as_python(
+        {"train_accuracy": train_accuracy, "eval_accuracy": eval_accuracy, "num_active_dims": int(active.sum())}
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,15 +224,17 @@ def completeness(importance):
 def _fit_gbt(x_train, y_train, x_test, y_test, random_state):
     """A GradientBoostingClassifier, sklearn defaults: |importances| (C,), train/test accuracy."""
     model = GradientBoostingClassifier(random_state=random_state).fit(x_train, y_train)
-    return (np.abs(model.feature_importances_), np.mean(model.predict(x_train) == y_train),
-            np.mean(model.predict(x_test) == y_test))
+    return (
+        np.abs(model.feature_importances_),
+        np.mean(model.predict(x_train) == y_train),
+        np.mean(model.predict(x_test) == y_test),
+    )
 
 
 def _n_workers(n_jobs, n_tasks):
     n = joblib.cpu_count() if n_jobs is None else int(n_jobs)
     if n == 0 or n < -1:
-        raise ValueError(f"n_jobs must be a positive number of processes, -1 or None, "
-                        f"got {n_jobs!r}")
+        raise ValueError(f"n_jobs must be a positive number of processes, -1 or None, got {n_jobs!r}")
     return min(joblib.cpu_count() if n == -1 else n, n_tasks)
 
 
@@ -243,16 +263,20 @@ def dci(codes, factor_sizes, *, seed=0, num_train=10000, num_test=5000, n_jobs=N
     # largest factors go first: the slowest fit starts at once and the rest fill the other cores.
     order = sorted(range(len(sizes)), key=lambda k: -sizes[k])
     fits = joblib.Parallel(n_jobs=_n_workers(n_jobs, len(sizes)), batch_size=1)(
-        joblib.delayed(_fit_gbt)(x_train, y_train[:, k], x_test, y_test[:, k], tree_seeds[k])
-        for k in order)
+        joblib.delayed(_fit_gbt)(x_train, y_train[:, k], x_test, y_test[:, k], tree_seeds[k]) for k in order
+    )
     importance = np.zeros((codes.shape[1], len(sizes)))  # (C, K) as in disentanglement_lib
     train_acc, test_acc = np.zeros(len(sizes)), np.zeros(len(sizes))
     for k, (imp, acc_train, acc_test) in zip(order, fits):
         importance[:, k], train_acc[k], test_acc[k] = imp, acc_train, acc_test
-    return _as_python({"disentanglement": disentanglement(importance),
-                       "completeness": completeness(importance),
-                       "informativeness_train": train_acc.mean(),
-                       "informativeness_test": test_acc.mean()})
+    return _as_python(
+        {
+            "disentanglement": disentanglement(importance),
+            "completeness": completeness(importance),
+            "informativeness_train": train_acc.mean(),
+            "informativeness_test": test_acc.mean(),
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,8 +312,8 @@ def _sap_score_matrix(x_train, y_train, x_test, y_test, seeds):
             # dual=True was LinearSVC's default when disentanglement_lib was written (sklearn now
             # picks "auto"); liblinear shuffles with random_state, None there, seeded here.
             svm = LinearSVC(C=0.01, class_weight="balanced", dual=True, random_state=seeds[c, k])
-            svm.fit(x_train[:, c:c + 1], y_train[:, k])
-            scores[c, k] = np.mean(svm.predict(x_test[:, c:c + 1]) == y_test[:, k])
+            svm.fit(x_train[:, c : c + 1], y_train[:, k])
+            scores[c, k] = np.mean(svm.predict(x_test[:, c : c + 1]) == y_test[:, k])
     return scores
 
 
@@ -304,8 +328,7 @@ def _sap_score_matrix_continuous(x, y):
     return scores
 
 
-def sap(codes, factor_sizes, *, seed=0, num_train=10000, num_test=5000,
-        continuous_factors=False):
+def sap(codes, factor_sizes, *, seed=0, num_train=10000, num_test=5000, continuous_factors=False):
     """SAP score: per factor, the gap between the two codes that predict it best on their own.
 
     Discrete factors (the default, as in disentanglement_lib's study): the score matrix holds test
@@ -348,8 +371,8 @@ def _beta_vae_points(rs, codes, sizes, num_points, batch_size):
         index[p] = factor_index(factors1, sizes), factor_index(factors2, sizes)
     points = np.zeros((num_points, codes.shape[1]))
     for start in range(0, num_points, 1024):  # chunks keep the gathered codes small
-        pairs = codes[index[start:start + 1024]]  # (points, 2, batch_size, C)
-        points[start:start + 1024] = np.abs(pairs[:, 0] - pairs[:, 1]).mean(axis=1)
+        pairs = codes[index[start : start + 1024]]  # (points, 2, batch_size, C)
+        points[start : start + 1024] = np.abs(pairs[:, 0] - pairs[:, 1]).mean(axis=1)
     return points, labels
 
 
@@ -375,8 +398,7 @@ def beta_vae_score(codes, factor_sizes, *, seed=0, num_train=10000, num_eval=500
         model.fit(train_x, train_y)
     train_accuracy = np.mean(model.predict(train_x) == train_y)
     eval_x, eval_y = _beta_vae_points(rs, codes, sizes, num_eval, batch_size)
-    return _as_python({"train_accuracy": train_accuracy,
-                       "eval_accuracy": model.score(eval_x, eval_y)})
+    return _as_python({"train_accuracy": train_accuracy, "eval_accuracy": model.score(eval_x, eval_y)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,8 +441,7 @@ def _explicitness(x_train, y_train, x_test, y_test, num_values):
     return auc(x_train, y_train), auc(x_test, y_test)
 
 
-def modularity_explicitness(codes, factor_sizes, *, seed=0, num_train=10000, num_test=5000,
-                            num_bins=20):
+def modularity_explicitness(codes, factor_sizes, *, seed=0, num_train=10000, num_test=5000, num_bins=20):
     """Modularity (from histogram MI) and explicitness (ROC-AUC of logistic regression per factor).
 
     Returns {"modularity_score", "explicitness_score_train", "explicitness_score_test"}.
@@ -438,11 +459,16 @@ def modularity_explicitness(codes, factor_sizes, *, seed=0, num_train=10000, num
     mean, std = x_train.mean(axis=0), x_train.std(axis=0)
     std = np.where(std > 0, std, 1.0)
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    auc = np.array([_explicitness(x_train, y_train[:, k], x_test, y_test[:, k], size)
-                    for k, size in enumerate(sizes)])  # (K, 2) train, test
-    return _as_python({"modularity_score": modularity_score,
-                       "explicitness_score_train": auc[:, 0].mean(),
-                       "explicitness_score_test": auc[:, 1].mean()})
+    auc = np.array(
+        [_explicitness(x_train, y_train[:, k], x_test, y_test[:, k], size) for k, size in enumerate(sizes)]
+    )  # (K, 2) train, test
+    return _as_python(
+        {
+            "modularity_score": modularity_score,
+            "explicitness_score_train": auc[:, 0].mean(),
+            "explicitness_score_test": auc[:, 1].mean(),
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,8 +484,9 @@ def _check_attributes(codes, attributes):
     if not np.isfinite(codes).all():
         raise ValueError("codes contain NaN or infinite values")
     if attributes.ndim != 2 or len(attributes) != len(codes):
-        raise ValueError(f"attributes must be an (N, K) array with N = {len(codes)} (one row per code), "
-                        f"got shape {attributes.shape}")
+        raise ValueError(
+            f"attributes must be an (N, K) array with N = {len(codes)} (one row per code), got shape {attributes.shape}"
+        )
     if not np.isin(attributes, (0, 1)).all():
         raise ValueError("attributes must hold 0 or 1 (convert CelebA's -1/1 labels first)")
     return codes.astype(np.float64), attributes.astype(np.int32)
@@ -535,8 +562,12 @@ def attribute_entropy_reduction(attributes):
     y = attributes.astype(np.float64)
     n = len(y)
     p1 = y.mean(0)
-    cells = [((1 - y).T @ (1 - y) / n, 1 - p1, 1 - p1), ((1 - y).T @ y / n, 1 - p1, p1),
-             (y.T @ (1 - y) / n, p1, 1 - p1), (y.T @ y / n, p1, p1)]  # (joint (K, K), p_k, p_j) of each cell
+    cells = [
+        ((1 - y).T @ (1 - y) / n, 1 - p1, 1 - p1),
+        ((1 - y).T @ y / n, 1 - p1, p1),
+        (y.T @ (1 - y) / n, p1, 1 - p1),
+        (y.T @ y / n, p1, p1),
+    ]  # (joint (K, K), p_k, p_j) of each cell
     mi = np.zeros((y.shape[1],) * 2)
     with np.errstate(divide="ignore", invalid="ignore"):
         for joint, pk, pj in cells:
@@ -546,8 +577,17 @@ def attribute_entropy_reduction(attributes):
         return mi.max(1) / entropy
 
 
-def tad(codes, attributes, *, threshold=0.75, max_entropy_reduction=0.2, min_range=0.2, auroc="grid",
-        num_samples=None, seed=0):
+def tad(
+    codes,
+    attributes,
+    *,
+    threshold=0.75,
+    max_entropy_reduction=0.2,
+    min_range=0.2,
+    auroc="grid",
+    num_samples=None,
+    seed=0,
+):
     """TAD: for each attribute, the AUROC of every code dimension as its detector; an attribute is
     captured when its best AUROC is at least `threshold` (0.75) and no other attribute explains
     more than `max_entropy_reduction` (0.2) of its entropy (NashAE leaves out attributes that mostly
@@ -602,8 +642,9 @@ def metric_names(metrics=None):
     names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
     unknown = [m for m in names if m not in METRICS]
     if unknown or not names:
-        raise UserError(f"unknown metric {', '.join(map(repr, unknown)) or '(none given)'}; "
-                        f"choose from {', '.join(METRICS)}")
+        raise UserError(
+            f"unknown metric {', '.join(map(repr, unknown)) or '(none given)'}; choose from {', '.join(METRICS)}"
+        )
     return names
 
 
@@ -644,8 +685,9 @@ def code_factor_nmi(codes, factors, factor_sizes, bins=20):
     DCI (how disentangled) cannot say."""
     codes, factors = np.asarray(codes), np.asarray(factors)
     if codes.ndim != 2 or factors.shape != (len(codes), len(factor_sizes)):
-        raise ValueError(f"code_factor_nmi: codes {codes.shape} and factors {factors.shape} do not match "
-                         f"{len(factor_sizes)} factors")
+        raise ValueError(
+            f"code_factor_nmi: codes {codes.shape} and factors {factors.shape} do not match {len(factor_sizes)} factors"
+        )
     nmi = np.zeros((codes.shape[1], len(factor_sizes)))
     for i in range(codes.shape[1]):
         edges = np.histogram_bin_edges(codes[:, i], bins)

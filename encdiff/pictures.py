@@ -10,6 +10,7 @@ reconstructions.png (input, VQ reconstruction, DDIM sample from the image's toke
 encdiff.artifacts.Trained: from a checkpoint (load_trained) or from a training step
 (trained_from_step, for train.py's sample grids).
 """
+
 import math
 from pathlib import Path
 
@@ -50,8 +51,9 @@ def decode_tokens(trained, tokens, steps, eta=0.0, x_T=None, generator=None, mod
     """DDIM with the EMA U-Net conditioned on tokens (B, N, D), then the VQ decoder -> (B, 3, 64, 64)."""
     shape = (tokens.shape[0], *trained.latent_shape)
     with trained.amp:
-        z = trained.diffusion.ddim_sample(model_fn or trained.unet, shape, tokens, steps=steps, eta=eta,
-                                          generator=generator, x_T=x_T)
+        z = trained.diffusion.ddim_sample(
+            model_fn or trained.unet, shape, tokens, steps=steps, eta=eta, generator=generator, x_T=x_T
+        )
     return trained.vq.decode(z.float() / trained.scale)  # fp32: the codebook lookup compares distances
 
 
@@ -199,7 +201,7 @@ def save_pictures(trained, images, codes, out_dir, quick, seed):
     n_images, n_values, steps = picture_settings(trained.cfg.eval, quick)
     x = uint8_to_model(torch.from_numpy(images).to(trained.device))  # (2P, 3, 64, 64)
     half = x.shape[0] // 2
-    xa, xb = x[:half], x[half:2 * half]
+    xa, xb = x[:half], x[half : 2 * half]
     out_dir = Path(out_dir)
     paths = {name: out_dir / f"{name}.png" for name in ("reconstructions", "traversal", "swap", "attention")}
     save_reconstructions(trained, xa, paths["reconstructions"], steps, seed)

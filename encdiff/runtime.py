@@ -1,11 +1,12 @@
 """Where and in what precision the work runs: one rule for train.py, evaluate.py and the benchmarks.
 
-    device = pick_device(cfg.run.device)          # evaluate.py, benchmarks (train.py: dist.setup)
-    prec = precision(cfg.perf.precision, device)  # "bf16" | "fp16" | "fp32"
-    with autocast(prec, device): ...
-    set_tf32(device, cfg.perf.tf32)
-    versions()                                    # torch, triton, xformers, commit: for benchmark reports
+device = pick_device(cfg.run.device)          # evaluate.py, benchmarks (train.py: dist.setup)
+prec = precision(cfg.perf.precision, device)  # "bf16" | "fp16" | "fp32"
+with autocast(prec, device): ...
+set_tf32(device, cfg.perf.tf32)
+versions()                                    # torch, triton, xformers, commit: for benchmark reports
 """
+
 import subprocess
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,7 +17,7 @@ from encdiff.errors import UserError
 
 
 def pick_device(choice):
-    """"auto" -> cuda when present, else cpu; "cuda" without CUDA is a one-line error."""
+    """ "auto" -> cuda when present, else cpu; "cuda" without CUDA is a one-line error."""
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -54,8 +55,15 @@ def versions():
         except Exception:  # not installed, or a wheel for another CUDA failing to load
             info[mod] = None
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        info["commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         info["commit"] = None
     return info

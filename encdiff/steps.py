@@ -15,6 +15,7 @@ each update. On CUDA the whole update (batch gather, forward, backward, optimise
 bookkeeping) is recorded once in a CUDA graph and replayed (perf.cuda_graph); wherever that is not
 possible the reason is printed and the same update runs eagerly.
 """
+
 import inspect
 import math
 import os
@@ -60,10 +61,10 @@ class BatchOrder:
 
     def global_indices(self, step):
         epoch, i = divmod(step, self.per_epoch)
-        return self.permutation(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
+        return self.permutation(epoch)[i * self.global_batch : (i + 1) * self.global_batch]
 
     def indices(self, step):
-        return self.global_indices(step)[self.rank * self.local:(self.rank + 1) * self.local]
+        return self.global_indices(step)[self.rank * self.local : (self.rank + 1) * self.local]
 
 
 class NonFiniteGuard:
@@ -211,8 +212,11 @@ def wrap_ddp(model, d, **kw):
 
 
 # BatchNorm statistics are global (GlobalBatchNorm2d), so DDP need not re-broadcast buffers each step.
-NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                  else {"broadcast_buffers": False})
+NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DDP).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,13 +385,17 @@ class VQStep(Step):
         self.model = build_vq(v).to(d.device)
         if p.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = VQLoss(disc_weight=v.disc_weight, disc_start=v.disc_start, lpips_path=v.lpips_path or None,
-                              use_gan=v.use_gan).to(d.device)
+        self.loss_fn = VQLoss(
+            disc_weight=v.disc_weight, disc_start=v.disc_start, lpips_path=v.lpips_path or None, use_gan=v.use_gan
+        ).to(d.device)
         self.fused = p.fused_adam
         self.opt = make_optimizer(torch.optim.Adam, self.model.parameters(), v.lr, v.betas, self.fused)
         self.disc = self.loss_fn.discriminator if v.use_gan else None
-        self.opt_d = (make_optimizer(torch.optim.Adam, self.disc.parameters(), v.lr, v.betas, self.fused)
-                      if self.disc is not None else None)
+        self.opt_d = (
+            make_optimizer(torch.optim.Adam, self.disc.parameters(), v.lr, v.betas, self.fused)
+            if self.disc is not None
+            else None
+        )
         self.guard = NonFiniteGuard(self.prec, d.device, self.fused)
         self.order = BatchOrder(len(images), v.batch_size, d, cfg.run.seed, images.device)
         self.params = list(self.model.parameters())
@@ -411,12 +419,14 @@ class VQStep(Step):
 
     def body(self, x=None):
         if x is None:
-            x = uint8_to_model(self.images.index_select(0, self.idx).to(self.d.device, non_blocking=True),
-                               self.cfg.perf.channels_last)
+            x = uint8_to_model(
+                self.images.index_select(0, self.idx).to(self.d.device, non_blocking=True), self.cfg.perf.channels_last
+            )
         with self.amp:
             xrec, qloss, _ = self.forward(x)
-        loss, _ = self.loss_fn.generator_loss(x, xrec.float(), qloss.float(), self.step_now,
-                                              self.model.last_layer_weight())
+        loss, _ = self.loss_fn.generator_loss(
+            x, xrec.float(), qloss.float(), self.step_now, self.model.last_layer_weight()
+        )
         loss, grad_norm = self.backward_and_step(loss)
         if self.opt_d is not None:
             d_loss, _ = self.loss_fn.discriminator_loss(x, xrec.detach().float(), self.step_now)
@@ -440,7 +450,7 @@ def encode_latents(vq, images, d, amp, batch=LATENT_BATCH):
     lo, hi = d.rank * per_rank, min(n, (d.rank + 1) * per_rank)
     chunks = []
     for s in tqdm(range(lo, hi, batch), desc="latents", disable=not d.is_main, dynamic_ncols=True):
-        x = uint8_to_model(images[s:min(hi, s + batch)].to(d.device, non_blocking=True))  # (b, 3, 64, 64)
+        x = uint8_to_model(images[s : min(hi, s + batch)].to(d.device, non_blocking=True))  # (b, 3, 64, 64)
         with amp:
             chunks.append(vq.encode(x).float())
     z = torch.cat(chunks) if chunks else torch.empty(0, device=d.device)
@@ -475,8 +485,9 @@ class EncDiffStep(Step):
         self.lr = e.lr * e.batch_size / e.lr_ref_batch  # linear scaling with the global batch
         self.fused = p.fused_adam
         lr = torch.tensor(self.lr, device=d.device) if self.fused else self.lr
-        self.opt = make_optimizer(torch.optim.AdamW, model.parameters(), lr, e.betas, self.fused,
-                                  weight_decay=e.weight_decay)
+        self.opt = make_optimizer(
+            torch.optim.AdamW, model.parameters(), lr, e.betas, self.fused, weight_decay=e.weight_decay
+        )
         self.guard = NonFiniteGuard(self.prec, d.device, self.fused)
         self.ema_module = model if e.ema_all else model.unet
         self.ema = EMA(self.ema_module, e.ema_decay)
@@ -539,11 +550,13 @@ class EncDiffStep(Step):
         t = self.model.diffusion.sample_timesteps(e.batch_size, self.noise_gen, self.d.device)[lo:hi]
         noise = torch.randn((e.batch_size, *z0.shape[1:]), device=self.d.device, generator=self.noise_gen)[lo:hi]
         if cl:
-            z0, noise = z0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+            z0, noise = (
+                z0.contiguous(memory_format=torch.channels_last),
+                noise.contiguous(memory_format=torch.channels_last),
+            )
         with self.amp:
             loss = self.forward(x, z0, t, noise)
         loss, grad_norm = self.backward_and_step(loss)
         self.guard.update()
         self.ema.apply()
         return loss.detach(), grad_norm, x
-

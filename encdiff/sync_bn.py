@@ -5,6 +5,7 @@ on N GPUs would train a different model than one GPU with the same global batch.
 nn.SyncBatchNorm runs on CUDA only; this one runs on NCCL and gloo alike (CPU tests use gloo).
 Outside a process group, or in eval mode, it is a plain BatchNorm2d.
 """
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -55,7 +56,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 def convert_to_global_bn(module):
     """Replace every BatchNorm2d in module (in place where possible) by GlobalBatchNorm2d."""
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
-        new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new = GlobalBatchNorm2d(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new.to(next(iter(module.buffers()), torch.empty(0)).device)

@@ -1,4 +1,5 @@
 """Reading weight files that users supply (LPIPS, Inception): never unpickled."""
+
 from pathlib import Path
 
 import torch
@@ -22,10 +23,13 @@ def read_tensor_file(path, what, layout_hint):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any parse failure is a bad user file
         reason = (str(e).strip().splitlines() or [""])[0][:160]
-        raise UserError(f"{what}: cannot read {path} as .safetensors or torch.save weights "
-                        f"({type(e).__name__}: {reason})") from None
+        raise UserError(
+            f"{what}: cannot read {path} as .safetensors or torch.save weights ({type(e).__name__}: {reason})"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
-        raise UserError(f"{what}: {path} is not a name -> tensor dict (a flat dict of tensors; key layout: {layout_hint})")
+        raise UserError(
+            f"{what}: {path} is not a name -> tensor dict (a flat dict of tensors; key layout: {layout_hint})"
+        )
     return state

@@ -9,5 +9,6 @@ The package imports nothing from encdiff/: it is usable, and testable, on its ow
 kernels/dispatch.py holds the backends and the `auto` rule; kernels/cross_attention.py the fused
 Triton kernel for short key sequences; kernels/reference.py the plain definition.
 """
+
 from kernels.dispatch import AUTO_RULE, BACKENDS, attention, available_backends, choose_backend  # noqa: F401
 from kernels.reference import BackendUnavailable, reference_attention  # noqa: F401

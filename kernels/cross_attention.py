@@ -14,6 +14,7 @@ autograd.Function; the public `short_kv_attention`. The plain PyTorch definition
 tested against, `reference_attention`, lives in kernels/reference.py so that it imports without
 Triton.
 """
+
 import contextlib
 
 import torch
@@ -68,11 +69,29 @@ def _softmax_rows(q, k, Lk, qk_scale_log2, offs_n, DOT_PRECISION: tl.constexpr, 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O,
-    stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_om,
-    H, Lq, Lk, n_mblocks, qk_scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,  # noqa: E741  (q, k, v, o: the names of the attention's four tensors)
+    stride_qb,
+    stride_qm,
+    stride_kb,
+    stride_kn,
+    stride_vb,
+    stride_vn,
+    stride_ob,
+    stride_om,
+    H,
+    Lq,
+    Lk,
+    n_mblocks,
+    qk_scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
 ):
     # Heads vary fastest across programs: neighbouring programs read neighbouring d-wide column
     # slices of the same rows, so each row is fetched from DRAM once and shared through L2.
@@ -95,12 +114,38 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    Q, K, V, DO, DQ, DK, DV,
-    stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_dob, stride_dom,
-    stride_dqb, stride_dqm, stride_dkb, stride_dkn, stride_dvb, stride_dvn,
-    H, Lq, Lk, qk_scale_log2, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    DK,
+    DV,
+    stride_qb,
+    stride_qm,
+    stride_kb,
+    stride_kn,
+    stride_vb,
+    stride_vn,
+    stride_dob,
+    stride_dom,
+    stride_dqb,
+    stride_dqm,
+    stride_dkb,
+    stride_dkn,
+    stride_dvb,
+    stride_dvn,
+    H,
+    Lq,
+    Lk,
+    qk_scale_log2,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
 ):
     # One program per (batch, head) walks every query block, so dK and dV are summed in registers
     # in a fixed order: no atomics, bitwise the same result on every run.
@@ -166,8 +211,10 @@ def _check(q, k, v, heads):
 
 def _check_out(name, out, shape, like):
     if out.shape != shape or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous {like.dtype} tensor of shape {tuple(shape)} on {like.device}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        raise ValueError(
+            f"{name}: expected a contiguous {like.dtype} tensor of shape {tuple(shape)} on {like.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
 
 
 def _block_sizes(Lq, Lk, d):
@@ -208,11 +255,29 @@ def attention_forward(q, k, v, heads, out=None):
     n_mblocks = triton.cdiv(Lq, BLOCK_M)
     with _on_device(q):
         _fwd_kernel[(B * heads * n_mblocks,)](
-            q, k, v, out,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            heads, Lq, Lk, n_mblocks, d**-0.5 * LOG2E,
-            HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-            DOT_PRECISION=_dot_precision(q.dtype), DOT_IN_FP32=INTERPRETED and q.dtype == torch.bfloat16,
+            q,
+            k,
+            v,
+            out,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            out.stride(0),
+            out.stride(1),
+            heads,
+            Lq,
+            Lk,
+            n_mblocks,
+            d**-0.5 * LOG2E,
+            HEAD_DIM=d,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D,
+            DOT_PRECISION=_dot_precision(q.dtype),
+            DOT_IN_FP32=INTERPRETED and q.dtype == torch.bfloat16,
             num_warps=4,
         )
     return out
@@ -239,12 +304,38 @@ def attention_backward(do, q, k, v, heads, dq=None, dk=None, dv=None):
     BLOCK_M, BLOCK_N, BLOCK_D = _block_sizes(Lq, Lk, d)
     with _on_device(q):
         _bwd_kernel[(B * heads,)](
-            q, k, v, do, dq, dk, dv,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            heads, Lq, Lk, d**-0.5 * LOG2E, d**-0.5,
-            HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-            DOT_PRECISION=_dot_precision(q.dtype), DOT_IN_FP32=INTERPRETED and q.dtype == torch.bfloat16,
+            q,
+            k,
+            v,
+            do,
+            dq,
+            dk,
+            dv,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            do.stride(0),
+            do.stride(1),
+            dq.stride(0),
+            dq.stride(1),
+            dk.stride(0),
+            dk.stride(1),
+            dv.stride(0),
+            dv.stride(1),
+            heads,
+            Lq,
+            Lk,
+            d**-0.5 * LOG2E,
+            d**-0.5,
+            HEAD_DIM=d,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D,
+            DOT_PRECISION=_dot_precision(q.dtype),
+            DOT_IN_FP32=INTERPRETED and q.dtype == torch.bfloat16,
             num_warps=4,
         )
     return dq, dk, dv
@@ -270,8 +361,9 @@ def _(q, k, v, heads):
 
 
 @torch.library.custom_op("kernels::short_kv_attention_bwd", mutates_args=())
-def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(do, *[_unit_last_stride(t) for t in (q, k, v)], heads)
 
 

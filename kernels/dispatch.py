@@ -8,6 +8,7 @@ Backends (all take q (B, Lq, heads*d), k, v (B, Lk, heads*d) and return (B, Lq, 
                   the same with its kernel pinned
   math            plain PyTorch (kernels/reference.py), the definition the others are tested against
 """
+
 import warnings
 
 import torch
@@ -18,6 +19,7 @@ from kernels.reference import BackendUnavailable, check_inputs, reference_attent
 
 try:
     from kernels import cross_attention
+
     _TRITON_IMPORT_ERROR = None
 except ImportError as e:  # e.g. no triton wheel for this platform: the other backends still work
     cross_attention = None
@@ -48,8 +50,11 @@ AUTO_RULE = (
 def auto_candidates(device_type, num_keys, num_queries):
     """The backends `auto` tries, in order, for a call on device_type with these sequence lengths."""
     for device, max_keys, min_queries, backends in AUTO_RULE:
-        if ((device is None or device == device_type) and (max_keys is None or num_keys <= max_keys)
-                and (min_queries is None or num_queries >= min_queries)):
+        if (
+            (device is None or device == device_type)
+            and (max_keys is None or num_keys <= max_keys)
+            and (min_queries is None or num_queries >= min_queries)
+        ):
             return backends
     return ("math",)
 
@@ -76,6 +81,7 @@ def _xformers_ops():
     if "import" not in _xformers_state:
         try:
             import xformers.ops
+
             _xformers_state["import"] = xformers.ops
         except Exception as e:  # ImportError, or a wheel built for another CUDA failing to load
             _xformers_state["import"] = f"xformers is not importable ({_first_line(e)})"
@@ -109,6 +115,7 @@ def _sdpa_pinned_reason(name):
         if q.device.type != "cuda":
             return f"needs CUDA tensors, got {q.device.type}"
         return _torch_sdpa_refusal(name, q, k, v, heads)
+
     return reason
 
 
@@ -159,7 +166,8 @@ def _xformers(q, k, v, heads):
     Lk = k.shape[1]
     d = C // heads
     o = _xformers_ops().memory_efficient_attention(
-        q.view(B, Lq, heads, d), k.view(B, Lk, heads, d), v.view(B, Lk, heads, d))  # (B, Lq, H, d)
+        q.view(B, Lq, heads, d), k.view(B, Lk, heads, d), v.view(B, Lk, heads, d)
+    )  # (B, Lq, H, d)
     return o.reshape(B, Lq, C)  # (B, Lq, heads*d)
 
 

@@ -1,6 +1,7 @@
 """What attention means here: the input contract every backend shares, the error a backend that
 cannot run raises, and the plain PyTorch definition every backend is tested against. Imports
 without Triton, so kernels/cross_attention.py and kernels/dispatch.py can both use it."""
+
 import torch
 
 

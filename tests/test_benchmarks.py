@@ -1,5 +1,6 @@
 """benchmarks/train_bench.py on the CPU (the table of switches, the torchrun scaling mode) and the
 control flow of benchmarks/gpu_check.sh (dry runs, the time budget, a machine without CUDA)."""
+
 import importlib.util
 import json
 import math
@@ -20,11 +21,25 @@ BENCH = ROOT / "benchmarks" / "train_bench.py"
 GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
 # wheels a developer carries stay out; an exported OUT (the device runner's) or PYTHON must not
 # redirect the script's output or interpreter
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHON")},
-       "OMP_NUM_THREADS": "1", "GPU_CHECK_WHEELS": "/nonexistent", "PYTHON": sys.executable}
+ENV = {
+    **{k: v for k, v in os.environ.items() if k not in ("OUT", "PYTHON")},
+    "OMP_NUM_THREADS": "1",
+    "GPU_CHECK_WHEELS": "/nonexistent",
+    "PYTHON": sys.executable,
+}
 TABLE_HEAD = "| config | img/s | speedup vs baseline | first-step s | peak MB |"
-GPU_CHECK_PARTS = ["wheels", "env", "gpu_tests", "attn_bench", "train_bench", "profile", "train_bench_all", "data", "train",
-                   "evaluate"]
+GPU_CHECK_PARTS = [
+    "wheels",
+    "env",
+    "gpu_tests",
+    "attn_bench",
+    "train_bench",
+    "profile",
+    "train_bench_all",
+    "data",
+    "train",
+    "evaluate",
+]
 
 
 def load_bench():
@@ -40,7 +55,9 @@ def bench():
 
 
 def run(cmd, **kw):
-    return subprocess.run(cmd, capture_output=True, text=True, env=kw.pop("env", ENV), cwd=ROOT, timeout=kw.pop("timeout", 300), **kw)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=kw.pop("env", ENV), cwd=ROOT, timeout=kw.pop("timeout", 300), **kw
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,7 +66,9 @@ def run(cmd, **kw):
 
 def test_train_bench_quick_cpu_table_and_json(tmp_path, bench):
     out = tmp_path / "bench.json"
-    r = run([sys.executable, str(BENCH), "--quick", "--batch", "4", "--warmup", "1", "--steps", "1", "--json", str(out)])
+    r = run(
+        [sys.executable, str(BENCH), "--quick", "--batch", "4", "--warmup", "1", "--steps", "1", "--json", str(out)]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["rows"]
@@ -63,7 +82,9 @@ def test_train_bench_quick_cpu_table_and_json(tmp_path, bench):
         for row in mine.values():
             assert row["status"] in ("ok", "skipped", "n/a")
             if row["status"] == "ok":
-                assert row["img_s"] > 0 and row["first_step_s"] > 0 and row["peak_mb"] > 0 and math.isfinite(row["loss"])
+                assert (
+                    row["img_s"] > 0 and row["first_step_s"] > 0 and row["peak_mb"] > 0 and math.isfinite(row["loss"])
+                )
                 assert row["speedup"] == pytest.approx(row["img_s"] / base["img_s"])
             else:
                 assert row["reason"] and row["img_s"] is None
@@ -76,7 +97,10 @@ def test_train_bench_quick_cpu_table_and_json(tmp_path, bench):
         assert mine["all"]["settings"]["perf.compile"] == "off" and mine["all"]["settings"]["perf.precision"] == "bf16"
     enc = {row["config"]: row for row in rows if row["stage"] == "encdiff"}
     assert enc["attention sdpa"]["status"] == "ok" and enc["cached latents"]["status"] == "ok"
-    assert enc["all"]["settings"]["perf.cache_latents"] is True and enc["all"]["settings"]["encdiff.grad_checkpoint"] is False
+    assert (
+        enc["all"]["settings"]["perf.cache_latents"] is True
+        and enc["all"]["settings"]["encdiff.grad_checkpoint"] is False
+    )
     if importlib.util.find_spec("xformers") is None:
         assert enc["attention xformers"]["status"] == "skipped" and "xformers" in enc["attention xformers"]["reason"]
     vq = {row["config"]: row for row in rows if row["stage"] == "vqvae"}
@@ -92,8 +116,26 @@ def test_train_bench_quick_cpu_table_and_json(tmp_path, bench):
 
 def test_train_bench_profile_reports_each_step_and_writes_a_trace(tmp_path):
     out = tmp_path / "profile.json"
-    r = run([sys.executable, str(BENCH), "--profile", str(tmp_path / "prof"), "--quick", "--batch", "2", "--warmup", "1",
-             "--steps", "2", "--stages", "encdiff", "--perf.compile=off", "--json", str(out)])
+    r = run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--profile",
+            str(tmp_path / "prof"),
+            "--quick",
+            "--batch",
+            "2",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--stages",
+            "encdiff",
+            "--perf.compile=off",
+            "--json",
+            str(out),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())["profile"]["encdiff"]
     assert [row["step"] for row in report["steps"]] == [1, 2]
@@ -115,9 +157,29 @@ def test_step_profile_union_of_intervals():
 
 def test_train_bench_scaling_two_gloo_ranks(tmp_path):
     out = tmp_path / "scaling.json"
-    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(BENCH), "--scaling",
-             "--quick", "--batch", "4", "--warmup", "1", "--steps", "1", "--stages", "encdiff", "--perf.compile=off",
-             "--json", str(out)])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(BENCH),
+            "--scaling",
+            "--quick",
+            "--batch",
+            "4",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--stages",
+            "encdiff",
+            "--perf.compile=off",
+            "--json",
+            str(out),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     one, two = report["scaling"]
@@ -157,8 +219,9 @@ def test_train_bench_budget_skips_the_rows_that_would_start_late(bench, monkeypa
         time.sleep(1.0)  # twice the budget: the first row starts in time even on a loaded machine
         return {"img_s": 1.0, "first_step_s": 0.1, "peak_mb": 1.0, "loss": 0.5}
 
-    rows = fake_table(bench, monkeypatch, measure, ["--stages", "encdiff", "--budget", "0.5",
-                                                    "--configs", "baseline,all,bf16"])
+    rows = fake_table(
+        bench, monkeypatch, measure, ["--stages", "encdiff", "--budget", "0.5", "--configs", "baseline,all,bf16"]
+    )
     assert [(r["config"], r["status"]) for r in rows] == [("baseline", "ok"), ("all", "skipped"), ("bf16", "skipped")]
     assert all("--budget" in r["reason"] for r in rows[1:])
 
@@ -167,8 +230,9 @@ def test_train_bench_skip_leaves_a_switch_out_of_all(bench, monkeypatch):
     def measure(*args):
         return {"img_s": 1.0, "first_step_s": 0.1, "peak_mb": 1.0, "loss": 0.5}
 
-    rows = fake_table(bench, monkeypatch, measure, ["--stages", "encdiff", "--configs", "baseline,all,TF32",
-                                                    "--skip", "bf16,TF32"])
+    rows = fake_table(
+        bench, monkeypatch, measure, ["--stages", "encdiff", "--configs", "baseline,all,TF32", "--skip", "bf16,TF32"]
+    )
     by_name = {r["config"]: r for r in rows}
     assert by_name["TF32"]["status"] == "skipped" and by_name["TF32"]["reason"] == "--skip"
     assert {"bf16", "TF32"} <= set(by_name["all"]["without"]) and by_name["all"]["status"] == "ok"
@@ -176,8 +240,13 @@ def test_train_bench_skip_leaves_a_switch_out_of_all(bench, monkeypatch):
 
 
 def test_train_bench_rejects_bad_arguments(bench):
-    for argv in (["--configs", "baseline,nope"], ["--stages", "vae"], ["--batch", "0"], ["--workers=-1"],
-                 ["--skip", "baseline"]):
+    for argv in (
+        ["--configs", "baseline,nope"],
+        ["--stages", "vae"],
+        ["--batch", "0"],
+        ["--workers=-1"],
+        ["--skip", "baseline"],
+    ):
         with pytest.raises(UserError):
             bench.parse_args(argv)
     with pytest.raises(UserError, match="perf.compile"):
@@ -190,7 +259,9 @@ def test_train_bench_rejects_bad_arguments(bench):
 
 def gpu_check(out, **env):
     t0 = time.perf_counter()
-    r = run(["bash", str(GPU_CHECK), str(out)], env={**ENV, "GPU_CHECK_WORK": str(out.parent / "work"), **env}, timeout=120)
+    r = run(
+        ["bash", str(GPU_CHECK), str(out)], env={**ENV, "GPU_CHECK_WORK": str(out.parent / "work"), **env}, timeout=120
+    )
     return r, time.perf_counter() - t0
 
 
@@ -198,7 +269,7 @@ def summary_rows(stdout):
     """{part: status} from the summary table, which must be the last thing printed."""
     lines = stdout.rstrip().splitlines()
     head = max(i for i, line in enumerate(lines) if line.startswith("| part | status |"))
-    rows = lines[head + 2:]
+    rows = lines[head + 2 :]
     assert rows and all(line.startswith("| ") for line in rows)  # nothing after the table
     return {cells[0]: cells[1] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in rows)}
 
@@ -219,10 +290,20 @@ def test_gpu_check_dry_run(tmp_path):
     assert list(status) == GPU_CHECK_PARTS
     assert all(s == "ok" for p, s in status.items() if p != "wheels")
     log = (out / "log.txt").read_text()
-    for command in ("-m pytest -q -m gpu", f"benchmarks/attn_bench.py --quick --json {out}/attn_bench.json",
-                    "benchmarks/train_bench.py --quick", f"--json {out}/train_bench.json",
-                    "-m encdiff.data.synth", "--grid small", "train.py --config config.toml", "evaluate.py",
-                    "--quick", "nvidia-smi", "--profile", "--perf.cuda_graph=false"):
+    for command in (
+        "-m pytest -q -m gpu",
+        f"benchmarks/attn_bench.py --quick --json {out}/attn_bench.json",
+        "benchmarks/train_bench.py --quick",
+        f"--json {out}/train_bench.json",
+        "-m encdiff.data.synth",
+        "--grid small",
+        "train.py --config config.toml",
+        "evaluate.py",
+        "--quick",
+        "nvidia-smi",
+        "--profile",
+        "--perf.cuda_graph=false",
+    ):
         assert command in log, command
     assert (out / "summary.md").read_text().strip() in r.stdout
     assert len(list(out.rglob("*"))) <= 8  # what a borrowed machine sends back
@@ -270,9 +351,14 @@ def test_code_factor_nmi_finds_which_code_carries_which_factor():
     sizes = (4, 6)
     rng = np.random.default_rng(0)
     factors = np.stack(np.unravel_index(np.arange(4 * 6), sizes), 1).repeat(40, 0)  # (960, 2): the grid, 40 each
-    codes = np.stack([factors[:, 1] * 2.0 + 0.01 * rng.standard_normal(len(factors)),  # code 0 = factor 1
-                      rng.standard_normal(len(factors)),  # code 1: noise
-                      -3.0 * factors[:, 0]], 1)  # code 2 = factor 0
+    codes = np.stack(
+        [
+            factors[:, 1] * 2.0 + 0.01 * rng.standard_normal(len(factors)),  # code 0 = factor 1
+            rng.standard_normal(len(factors)),  # code 1: noise
+            -3.0 * factors[:, 0],
+        ],
+        1,
+    )  # code 2 = factor 0
     nmi = code_factor_nmi(codes, factors, sizes, bins=20)
     assert nmi.shape == (3, 2)
     assert nmi[0, 1] > 0.99 and nmi[2, 0] > 0.99

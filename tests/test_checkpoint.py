@@ -9,8 +9,11 @@ from encdiff.errors import UserError
 
 def _tensors():
     g = torch.Generator().manual_seed(0)
-    return {"model.w": torch.randn(64, 32, generator=g), "model.b": torch.randn(32, generator=g).bfloat16(),
-            "opt.0.step": torch.tensor(3.0)}
+    return {
+        "model.w": torch.randn(64, 32, generator=g),
+        "model.b": torch.randn(32, generator=g).bfloat16(),
+        "opt.0.step": torch.tensor(3.0),
+    }
 
 
 def test_round_trip_with_metadata(tmp_path):
@@ -41,7 +44,9 @@ def test_optimizer_state_round_trip():
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_file_is_detected_and_skipped(tmp_path, damage):
     for step in (10, 20):
-        ckpt.save_checkpoint(tmp_path / ckpt.checkpoint_name(step), _tensors(), step=step, stage="vqvae", config_toml="")
+        ckpt.save_checkpoint(
+            tmp_path / ckpt.checkpoint_name(step), _tensors(), step=step, stage="vqvae", config_toml=""
+        )
     newest = tmp_path / ckpt.checkpoint_name(20)
     data = bytearray(newest.read_bytes())
     if damage == "truncate":
@@ -67,7 +72,9 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_prune_keeps_the_newest(tmp_path):
     for step in (1, 2, 3, 4):
-        ckpt.save_checkpoint(tmp_path / ckpt.checkpoint_name(step), _tensors(), step=step, stage="vqvae", config_toml="")
+        ckpt.save_checkpoint(
+            tmp_path / ckpt.checkpoint_name(step), _tensors(), step=step, stage="vqvae", config_toml=""
+        )
     ckpt.prune_checkpoints(tmp_path, 2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [ckpt.checkpoint_name(3), ckpt.checkpoint_name(4)]
 
@@ -75,8 +82,9 @@ def test_prune_keeps_the_newest(tmp_path):
 def test_a_run_dir_opens_its_newest_good_checkpoint(tmp_path):
     (tmp_path / "encdiff").mkdir()
     for step in (5, 7, 9):
-        ckpt.save_checkpoint(tmp_path / "encdiff" / ckpt.checkpoint_name(step), _tensors(), step=step, stage="encdiff",
-                             config_toml="")
+        ckpt.save_checkpoint(
+            tmp_path / "encdiff" / ckpt.checkpoint_name(step), _tensors(), step=step, stage="encdiff", config_toml=""
+        )
     assert ckpt.load_stage_checkpoint(tmp_path)[0].name == ckpt.checkpoint_name(9)
     newest = tmp_path / "encdiff" / ckpt.checkpoint_name(9)
     newest.write_bytes(newest.read_bytes()[:-100])  # truncated: train.py would skip it, and so does evaluate

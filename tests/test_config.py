@@ -29,30 +29,42 @@ def test_later_files_win_and_overrides_come_last(tmp_path):
 
 
 def test_cli_values_are_parsed_to_the_field_type():
-    cfg = parse_args(["--vqvae.betas=0.1,0.2", "--perf.channels_last=false", "--encdiff.channel_mult=[1,2]", "--encdiff.attention_levels=0,1",
-                      "--eval.metrics", "dci,mig", "--encdiff.dropout=0"])
+    cfg = parse_args(
+        [
+            "--vqvae.betas=0.1,0.2",
+            "--perf.channels_last=false",
+            "--encdiff.channel_mult=[1,2]",
+            "--encdiff.attention_levels=0,1",
+            "--eval.metrics",
+            "dci,mig",
+            "--encdiff.dropout=0",
+        ]
+    )
     assert cfg.vqvae.betas == [0.1, 0.2] and cfg.perf.channels_last is False
     assert cfg.encdiff.channel_mult == [1, 2] and cfg.eval.metrics == ["dci", "mig"]
     assert isinstance(cfg.encdiff.dropout, float)
 
 
 def test_round_trip_is_identical():
-    cfg = parse_args(["--encdiff.lr=1.234567890123e-4", "--run.out_dir=a \"quoted\" dir\\x", "--eval.metrics=dci"])
+    cfg = parse_args(["--encdiff.lr=1.234567890123e-4", '--run.out_dir=a "quoted" dir\\x', "--eval.metrics=dci"])
     assert from_toml_text(to_toml(cfg)) == cfg
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--encdiff.stepz=5"], "unknown key encdiff.stepz"),
-    (["--nosuch.key=5"], "unknown table [nosuch]"),
-    (["--encdiff.steps=ten"], "encdiff.steps: expected int"),
-    (["--encdiff.steps=0"], "encdiff.steps: must be positive"),
-    (["--encdiff.lr=-1"], "encdiff.lr: must be positive"),
-    (["--perf.attention=cuda"], "perf.attention: must be one of"),
-    (["--encdiff.schedule=sqrt"], "encdiff.schedule"),
-    (["--eval.metrics=fid"], "eval.metrics"),
-    (["--config", "/nonexistent.toml"], "config file not found"),
-    (["stray"], "unexpected argument"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--encdiff.stepz=5"], "unknown key encdiff.stepz"),
+        (["--nosuch.key=5"], "unknown table [nosuch]"),
+        (["--encdiff.steps=ten"], "encdiff.steps: expected int"),
+        (["--encdiff.steps=0"], "encdiff.steps: must be positive"),
+        (["--encdiff.lr=-1"], "encdiff.lr: must be positive"),
+        (["--perf.attention=cuda"], "perf.attention: must be one of"),
+        (["--encdiff.schedule=sqrt"], "encdiff.schedule"),
+        (["--eval.metrics=fid"], "eval.metrics"),
+        (["--config", "/nonexistent.toml"], "config file not found"),
+        (["stray"], "unexpected argument"),
+    ],
+)
 def test_bad_input_is_one_clear_error(args, needle):
     with pytest.raises(UserError, match=None) as e:
         parse_args(args)
@@ -73,8 +85,9 @@ def test_file_errors_name_the_file(tmp_path):
 
 
 def test_train_py_reports_config_errors_in_one_line_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--encdiff.stepz=1"], capture_output=True, text=True,
-                       cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--encdiff.stepz=1"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "unknown key encdiff.stepz" in r.stderr
     assert not (tmp_path / "runs").exists()  # nothing was written before the error
@@ -92,18 +105,28 @@ def test_every_key_is_fixed_by_a_checkpoint_or_free_to_change_exactly_once():
             free = FREE_KEYS.get(table.name, ())
             is_free = free == "*" or f.name in free
             assert (key in fixed) != is_free, f"{key}: in {'both lists' if is_free else 'neither list'}"
-    assert {f"vqvae.{k}" for k in STAGE_KEYS["encdiff"]["vqvae"]} <= {f"vqvae.{k}" for k in STAGE_KEYS["vqvae"]["vqvae"]}
+    assert {f"vqvae.{k}" for k in STAGE_KEYS["encdiff"]["vqvae"]} <= {
+        f"vqvae.{k}" for k in STAGE_KEYS["vqvae"]["vqvae"]
+    }
 
 
-@pytest.mark.parametrize("override, key", [("--encdiff.prediction=x0", "encdiff.prediction"),
-                                           ("--encdiff.loss=l1", "encdiff.loss"), ("--run.seed=4", "run.seed")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("--encdiff.prediction=x0", "encdiff.prediction"),
+        ("--encdiff.loss=l1", "encdiff.loss"),
+        ("--run.seed=4", "run.seed"),
+    ],
+)
 def test_resuming_with_another_objective_names_the_key_and_both_values(override, key):
     from encdiff.config import check_resumable
 
     stored = build_config()
     with pytest.raises(UserError, match=rf"trained with {key} = .*, the config now says .*new run"):
         check_resumable(stored, parse_args([override]), "encdiff", "ckpt")
-    check_resumable(stored, parse_args(["--encdiff.steps=5", "--perf.compile=off", "--run.log_every=7"]), "encdiff", "ckpt")
+    check_resumable(
+        stored, parse_args(["--encdiff.steps=5", "--perf.compile=off", "--run.log_every=7"]), "encdiff", "ckpt"
+    )
 
 
 def test_a_retired_key_reads_in_a_stored_config_and_explains_itself_elsewhere(tmp_path):
@@ -113,12 +136,15 @@ def test_a_retired_key_reads_in_a_stored_config_and_explains_itself_elsewhere(tm
         parse_args(["--eval.quick=true"])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--encdiff.timesteps=20"], "eval.ddim_steps: must be between 1 and encdiff.timesteps \\(20\\); got 200"),
-    (["--eval.seed=-1"], "eval.seed: must be in"),
-    (["--run.seed=-3"], "run.seed: must be in"),
-    (["--perf.attention=sdpa_nope"], "perf.attention: must be one of auto, triton, xformers, sdpa, sdpa_flash"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--encdiff.timesteps=20"], "eval.ddim_steps: must be between 1 and encdiff.timesteps \\(20\\); got 200"),
+        (["--eval.seed=-1"], "eval.seed: must be in"),
+        (["--run.seed=-3"], "run.seed: must be in"),
+        (["--perf.attention=sdpa_nope"], "perf.attention: must be one of auto, triton, xformers, sdpa, sdpa_flash"),
+    ],
+)
 def test_combinations_and_ranges_fail_up_front(args, message):
     with pytest.raises(UserError, match=message):
         parse_args(args)

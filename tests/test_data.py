@@ -4,6 +4,7 @@ Shapes3D's .h5 is written at full size as a sparse file (a few images written, t
 The .npz formats are written small, with the factor grid shrunk to match, since the loaders insist
 on the published image counts.
 """
+
 import math
 import sys
 
@@ -41,10 +42,11 @@ def write_h5(path, images, sizes=None, names=None, **dataset_options):
 
 def row_major_index(factors, sizes):
     """index = sum_k f_k * prod(sizes[k+1:]), written out."""
-    return sum(int(f) * math.prod(sizes[k + 1:]) for k, f in enumerate(factors))
+    return sum(int(f) * math.prod(sizes[k + 1 :]) for k, f in enumerate(factors))
 
 
 # --- the dataset object ---
+
 
 def test_generic_h5_is_memory_mapped_and_indexable(tmp_path):
     sizes, names = (2, 3, 4), ("a", "b", "c")
@@ -86,13 +88,14 @@ def test_chunked_compressed_h5_streams_then_loads_once(tmp_path):
     starts = []
     for start, chunk in iter_chunks(ds, size=16, progress=False):
         starts.append(start)
-        np.testing.assert_array_equal(chunk, images[start:start + 16])
+        np.testing.assert_array_equal(chunk, images[start : start + 16])
     assert starts == [0, 16, 32] and ds.images.array is None  # streaming did not load it all
     np.testing.assert_array_equal(ds.images[[39, 2]], images[[39, 2]])
     np.testing.assert_array_equal(load_all(ds, progress=False), images)
 
 
 # --- Shapes3D ---
+
 
 def test_shapes3d_h5_full_size_sparse(tmp_path):
     """The published layout at full size: 480000 images (5.9 GB apparent), only a few written."""
@@ -138,6 +141,7 @@ def test_shapes3d_npz(tmp_path, monkeypatch, compressed):
 
 # --- MPI3D ---
 
+
 def test_mpi3d_factors_match_the_published_count():
     assert math.prod(s for _, s in FACTORS["mpi3d"]) == 1036800
     assert math.prod(s for _, s in FACTORS["dsprites"]) == 737280
@@ -171,13 +175,19 @@ def test_mpi3d_uncompressed_npz_is_memory_mapped(tmp_path, monkeypatch):
 
 # --- dSprites ---
 
+
 def test_dsprites_masks_become_rgb(tmp_path, monkeypatch):
     n = shrink(monkeypatch, "dsprites", (3, 2, 2, 2, 2))
     masks = RNG.integers(0, 2, (n, 64, 64), dtype=np.uint8)
     path = tmp_path / "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
     latents = np.zeros((n, 6), np.int64)
-    np.savez_compressed(path, imgs=masks, latents_classes=latents, latents_values=latents.astype(np.float64),
-                        metadata=np.array({"title": "dSprites"}, dtype=object))
+    np.savez_compressed(
+        path,
+        imgs=masks,
+        latents_classes=latents,
+        latents_values=latents.astype(np.float64),
+        metadata=np.array({"title": "dSprites"}, dtype=object),
+    )
     ds = open_dataset("dsprites", path)
     assert ds.images.shape == (n, 64, 64, 3) and ds.factor_sizes == (3, 2, 2, 2, 2)
     rgb = ds.images[[0, 7, n - 1]]
@@ -267,6 +277,7 @@ def test_cars3d_errors(tmp_path, monkeypatch):
 
 # --- every mistake is one clear line naming the file ---
 
+
 def bad_h5_files(tmp_path):
     good = random_images(6, (4, 4, 3))
     (tmp_path / "text.h5").write_text("hello")
@@ -324,7 +335,7 @@ def test_truncated_compressed_npz(tmp_path, monkeypatch):
     np.savez_compressed(path, images=random_images(n))
     data = path.read_bytes()
     start = data.index(b"images.npy") + 200  # inside the compressed stream
-    path.write_bytes(data[:start] + bytes(x ^ 0xFF for x in data[start:start + 200]) + data[start + 200:])
+    path.write_bytes(data[:start] + bytes(x ^ 0xFF for x in data[start : start + 200]) + data[start + 200 :])
     ds = open_dataset("mpi3d", path)  # the header is intact
     with pytest.raises(UserError, match="mpi3d.npz: 'images' is corrupt"):
         load_all(ds, progress=False)

@@ -13,8 +13,7 @@ def test_schedule_is_a_valid_decreasing_alpha_bar(schedule):
     assert ab.shape == (1000,) and d.betas.dtype == torch.float32
     assert (ab[1:] < ab[:-1]).all() and 0 < ab[-1] and ab[0] < 1
     assert (d.betas > 0).all() and (d.betas <= 0.999).all()
-    torch.testing.assert_close(d.sqrt_alphas_cumprod ** 2 + d.sqrt_one_minus_alphas_cumprod ** 2,
-                               torch.ones(1000))
+    torch.testing.assert_close(d.sqrt_alphas_cumprod**2 + d.sqrt_one_minus_alphas_cumprod**2, torch.ones(1000))
 
 
 def test_linear_schedule_is_ldm_sqrt_linear():
@@ -55,10 +54,14 @@ def test_loss_values(loss):
     d = Diffusion(schedule="cosine", loss=loss)
     x0 = torch.randn(64, 3, 16, 16)
     g = torch.Generator().manual_seed(1)
+
     # a perfect noise predictor: recovers the noise from x_t and the x0 it closes over
     def oracle(x_t, t, ctx):
         assert ctx == "tokens"
-        return (x_t - d.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * x0) / d.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+        return (x_t - d.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * x0) / d.sqrt_one_minus_alphas_cumprod[t].view(
+            -1, 1, 1, 1
+        )
+
     assert d.loss(oracle, x0, "tokens", generator=g).item() < 1e-3
     # a zero predictor (the zero-initialised head): E|N(0,1)| = sqrt(2/pi), E N(0,1)^2 = 1
     zero = d.loss(lambda x, t: torch.zeros_like(x), x0, generator=g).item()
@@ -121,7 +124,10 @@ def test_ddim_eta1_all_steps_has_ddpm_posterior_variance():
 
 def test_ddim_is_reproducible_with_a_generator():
     d = Diffusion()
-    model = lambda x, t: 0.1 * x
+
+    def model(x, t):
+        return 0.1 * x
+
     a = d.ddim_sample(model, (2, 3, 4, 4), steps=10, generator=torch.Generator().manual_seed(3))
     b = d.ddim_sample(model, (2, 3, 4, 4), steps=10, generator=torch.Generator().manual_seed(3))
     c = d.ddim_sample(model, (2, 3, 4, 4), steps=10, generator=torch.Generator().manual_seed(4))
@@ -139,11 +145,13 @@ def test_loss_traces_without_graph_breaks():
 
 def oracle_for(d, x0):
     """The exact prediction (d.prediction) of a model that knows x0."""
+
     def oracle(x_t, t, ctx=None):
         ab = d.alphas_cumprod[t].view(-1, 1, 1, 1).double()
         eps = (x_t.double() - ab.sqrt() * x0.double()) / (1 - ab).sqrt()
         out = {"eps": eps, "x0": x0.double(), "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0.double()}[d.prediction]
         return out.float()
+
     return oracle
 
 
@@ -156,8 +164,11 @@ def test_each_prediction_target_is_what_a_model_knowing_x0_outputs(prediction):
     noise = torch.randn(x0.shape, generator=g)
     # against float64 formulas, written independently of Diffusion.target
     ab = d.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
-    expected = {"eps": noise.double(), "x0": x0.double(),
-                "v": ab.sqrt() * noise.double() - (1 - ab).sqrt() * x0.double()}[prediction]
+    expected = {
+        "eps": noise.double(),
+        "x0": x0.double(),
+        "v": ab.sqrt() * noise.double() - (1 - ab).sqrt() * x0.double(),
+    }[prediction]
     torch.testing.assert_close(d.target(x0, t, noise).double(), expected, atol=1e-5, rtol=1e-5)
     assert d.loss(oracle_for(d, x0), x0, t=t, noise=noise).item() < 1e-6
     # to_x0_eps inverts the prediction at every step (away from t = T-1, where alpha_bar ~ 0 makes eps->x0 ill-posed)
@@ -185,9 +196,18 @@ def test_v_loss_weights_low_snr_steps_more_than_eps_loss():
     assert costs["v"] == pytest.approx(0.25 * (snr + 1), rel=1e-3)
 
 
-@pytest.mark.parametrize("kwargs", [dict(schedule="quadratic"), dict(loss="huber"), dict(timesteps=0),
-                                    dict(prediction="score"), dict(t_power=-1.0), dict(t_power=math.inf),
-                                    dict(schedule="linear", linear_start=0.02, linear_end=0.01)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(schedule="quadratic"),
+        dict(loss="huber"),
+        dict(timesteps=0),
+        dict(prediction="score"),
+        dict(t_power=-1.0),
+        dict(t_power=math.inf),
+        dict(schedule="linear", linear_start=0.02, linear_end=0.01),
+    ],
+)
 def test_bad_config_raises_value_error(kwargs):
     with pytest.raises(ValueError):
         Diffusion(**kwargs)
@@ -204,8 +224,18 @@ def test_the_training_step_regresses_the_configured_target(prediction, loss):
     from encdiff.config import EncDiffConfig
     from encdiff.models.encdiff import EncDiff, build_diffusion, build_encoder, build_unet
 
-    e = EncDiffConfig(encoder_ch=8, model_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1],
-                      num_heads=2, num_tokens=4, token_dim=8, prediction=prediction, loss=loss)
+    e = EncDiffConfig(
+        encoder_ch=8,
+        model_channels=8,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_levels=[1],
+        num_heads=2,
+        num_tokens=4,
+        token_dim=8,
+        prediction=prediction,
+        loss=loss,
+    )
     torch.manual_seed(0)
     model = EncDiff(build_encoder(e), build_unet(e, 3, "math"), build_diffusion(e)).eval()
     assert model.diffusion.prediction == prediction

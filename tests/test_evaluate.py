@@ -1,6 +1,7 @@
 """evaluate.py and encdiff.evaluation on a tiny random EncDiff (the smoke preset) and a tiny generic
 HDF5 dataset written here: checkpoint loading (EMA layouts), encoding in index order, the picture
 helpers, the table, the whole command end to end, and every user error as one line with exit 2."""
+
 import json
 import copy
 import math
@@ -38,7 +39,7 @@ def write_tiny_h5(path, sizes=SIZES):
     for i, (a, b, c) in enumerate(np.ndindex(*sizes)):
         images[i] = (40 + 120 * a, 60, 200 - 100 * a)
         x = 4 + 18 * b
-        images[i, 20:40, x:x + 16] = (255 - 50 * c, 40 * c, 128)
+        images[i, 20:40, x : x + 16] = (255 - 50 * c, 40 * c, 128)
     with h5py.File(path, "w") as f:
         f.create_dataset("images", data=images)
         f.attrs["factor_sizes"] = np.array(sizes, np.int64)
@@ -47,16 +48,24 @@ def write_tiny_h5(path, sizes=SIZES):
 
 
 def smoke_config(data_path, **data):
-    overrides = [("data.name", "h5"), ("data.path", str(data_path)), ("run.device", "cpu"),
-                 ("eval.batch_size", "10"), ("eval.ddim_steps", "2"), *((f"data.{k}", v) for k, v in data.items())]
+    overrides = [
+        ("data.name", "h5"),
+        ("data.path", str(data_path)),
+        ("run.device", "cpu"),
+        ("eval.batch_size", "10"),
+        ("eval.ddim_steps", "2"),
+        *((f"data.{k}", v) for k, v in data.items()),
+    ]
     return build_config([ROOT / "config.toml", ROOT / "configs/smoke.toml"], overrides)
 
 
 def random_state(module, seed, scale=0.05):
     """The module's state with every float tensor nudged: distinguishable from any other state."""
     g = torch.Generator().manual_seed(seed)
-    return {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-            for k, v in module.state_dict().items()}
+    return {
+        k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+        for k, v in module.state_dict().items()
+    }
 
 
 def write_checkpoint(path, cfg, ema_all=False, step=8):
@@ -72,9 +81,14 @@ def write_checkpoint(path, cfg, ema_all=False, step=8):
     ema = random_state(unet, 3)
     if ema_all:
         ema = {**prefixed("unet", ema), **prefixed("encoder", random_state(encoder, 4))}
-    tensors = {**prefixed("encoder", encoder_state), **prefixed("unet", unet_state), **prefixed("ema", ema),
-               **prefixed("vq", vq.state_dict()), "scale_factor": torch.tensor(0.7),
-               "rng.noise": torch.Generator().get_state()}
+    tensors = {
+        **prefixed("encoder", encoder_state),
+        **prefixed("unet", unet_state),
+        **prefixed("ema", ema),
+        **prefixed("vq", vq.state_dict()),
+        "scale_factor": torch.tensor(0.7),
+        "rng.noise": torch.Generator().get_state(),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, tensors, step=step, stage="encdiff", config_toml=to_toml(cfg))
     return path
@@ -209,12 +223,15 @@ def test_attention_maps_are_per_token_distributions(trained):
 
 def test_table_shows_paper_values_for_the_papers_datasets():
     results = {"factor_vae": {"eval_accuracy": 0.5, "num_active_dims": 3}, "dci": {"disentanglement": 0.25}}
-    shapes = format_table(results, {"factor_vae": {"eval_accuracy": 0.125, "num_active_dims": 1},
-                                    "dci": {"disentanglement": 0.0625}}, "shapes3d")
+    shapes = format_table(
+        results,
+        {"factor_vae": {"eval_accuracy": 0.125, "num_active_dims": 1}, "dci": {"disentanglement": 0.0625}},
+        "shapes3d",
+    )
     assert "paper EncDiff (Shapes3D)" in shapes and "random" in shapes
     row = next(line for line in shapes.splitlines() if line.startswith("factor_vae.eval_accuracy"))
     assert row.split()[1:] == ["0.500", "0.125", "0.999"]
-    assert next(l for l in shapes.splitlines() if l.startswith("dci.disentanglement")).split()[-1] == "0.969"
+    assert next(line for line in shapes.splitlines() if line.startswith("dci.disentanglement")).split()[-1] == "0.969"
     assert "reference only" in format_table(results, None, "synth3d")
     plain = format_table(results, None, "h5")
     assert "paper" not in plain and "random" not in plain
@@ -248,7 +265,12 @@ def test_evaluate_end_to_end(run, tmp_path, capsys):
     n = run["cfg"].encdiff.num_tokens
     shown, values = 4, 5  # --quick: 4 images, 5 values per traversal
     # (columns, rows) of 64 px cells; labels and padding add a margin
-    cells = {"reconstructions": (shown, 3), "traversal": (values, n), "swap": (n + 3, shown), "attention": (n + 1, shown)}
+    cells = {
+        "reconstructions": (shown, 3),
+        "traversal": (values, n),
+        "swap": (n + 3, shown),
+        "attention": (n + 1, shown),
+    }
     for name, (cols, rows) in cells.items():
         w, h = png_size(out / f"{name}.png")
         scale = 2 if name == "reconstructions" else 1
@@ -258,11 +280,23 @@ def test_evaluate_end_to_end(run, tmp_path, capsys):
 
 def test_evaluate_random_baseline(run, tmp_path, capsys):
     out = tmp_path / "out"
-    evaluate.main([str(run["ckpt"]), "--quick", "--out", str(out), "--metrics", "factor_vae,mig",
-                   "--eval.pictures=false"])
+    evaluate.main(
+        [str(run["ckpt"]), "--quick", "--out", str(out), "--metrics", "factor_vae,mig", "--eval.pictures=false"]
+    )
     record = json.loads((out / "metrics.json").read_text())
-    evaluate.main([str(run["ckpt"]), "--quick", "--out", str(out), "--metrics", "factor_vae,mig",
-                   "--eval.pictures=false", "--baseline", "random"])
+    evaluate.main(
+        [
+            str(run["ckpt"]),
+            "--quick",
+            "--out",
+            str(out),
+            "--metrics",
+            "factor_vae,mig",
+            "--eval.pictures=false",
+            "--baseline",
+            "random",
+        ]
+    )
     with_floor = json.loads((out / "metrics.json").read_text())
     assert set(with_floor["baseline"]) == {"encoder", "seed", "factor_vae", "mig"}
     assert with_floor["mig"] == record["mig"]  # the trained encoder's numbers do not move
@@ -321,12 +355,33 @@ def test_dataset_whose_images_do_not_fill_its_factor_grid_is_refused(run, tmp_pa
 @pytest.mark.slow
 def test_evaluate_a_checkpoint_written_by_train_py(run, tmp_path):
     out = tmp_path / "run"
-    subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "config.toml"), "--config",
-                    str(ROOT / "configs/smoke.toml"), f"--run.out_dir={out}", "--data.name=h5",
-                    f"--data.path={run['data']}"], cwd=ROOT, check=True, capture_output=True, timeout=1200)
-    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), str(out), "--quick", "--baseline", "random"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--config",
+            str(ROOT / "config.toml"),
+            "--config",
+            str(ROOT / "configs/smoke.toml"),
+            f"--run.out_dir={out}",
+            "--data.name=h5",
+            f"--data.path={run['data']}",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=1200,
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), str(out), "--quick", "--baseline", "random"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     record = json.loads((out / "encdiff" / "metrics.json").read_text())
     assert record["step"] == 8 and set(metric_names()) <= set(record) and record["baseline"]["encoder"] == "random"
-    assert all((out / "encdiff" / f"{name}.png").is_file() for name in ("reconstructions", "traversal", "swap", "attention"))
+    assert all(
+        (out / "encdiff" / f"{name}.png").is_file() for name in ("reconstructions", "traversal", "swap", "attention")
+    )

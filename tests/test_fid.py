@@ -1,5 +1,6 @@
 """FID: the Frechet distance against closed forms, the Inception network's shape and variants, and
 loading user weights files (random ones written here) with every mistake as one UserError."""
+
 import numpy as np
 import pytest
 import torch
@@ -43,7 +44,7 @@ def test_fid_of_shifted_features_is_the_squared_shift():
     rs = np.random.RandomState(2)
     features = rs.randn(50, 16) @ rs.randn(16, 16)  # correlated features
     shift = rs.randn(16)
-    assert fid_from_features(features, features + shift) == pytest.approx(np.sum(shift ** 2), rel=1e-8)
+    assert fid_from_features(features, features + shift) == pytest.approx(np.sum(shift**2), rel=1e-8)
     assert fid_from_features(features, 2 * features) > 0
 
 
@@ -91,14 +92,17 @@ def test_loading_picks_the_variant_from_fc_and_keeps_every_weight(tmp_path, full
     assert load_inception(sft).variant == "tf"  # no fc (or 1008 rows): the TensorFlow FID graph
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "no such file"),
-    ("garbage", "cannot read"),
-    ("not a dict", "not a name -> tensor dict"),
-    ("missing key", "lacks 'Conv2d_2a_3x3.conv.weight'"),
-    ("wrong shape", "'Conv2d_1a_3x3.conv.weight' has shape (32, 1, 3, 3), expected (32, 3, 3, 3)"),
-    ("not finite", "'Conv2d_1a_3x3.conv.weight' is not finite"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such file"),
+        ("garbage", "cannot read"),
+        ("not a dict", "not a name -> tensor dict"),
+        ("missing key", "lacks 'Conv2d_2a_3x3.conv.weight'"),
+        ("wrong shape", "'Conv2d_1a_3x3.conv.weight' has shape (32, 1, 3, 3), expected (32, 3, 3, 3)"),
+        ("not finite", "'Conv2d_1a_3x3.conv.weight' is not finite"),
+    ],
+)
 def test_bad_weights_files_are_one_clear_error(tmp_path, full_state, case, message):
     path = tmp_path / "weights.pth"
     first = {k: v for k, v in full_state.items() if k.startswith("Conv2d_1a_3x3.")}  # a small, partial file

@@ -1,6 +1,7 @@
 """celeba and imagefolder readers on small folders written here: crop geometry, attributes, the
 decoded-image cache (reuse, invalidation, atomic files, read-only data), unreadable images skipped
 with one warning, and every user mistake as one UserError."""
+
 import os
 import warnings
 
@@ -23,7 +24,7 @@ def framed(w, h, inner_side, inner=(0, 200, 0), outer=(0, 0, 255)):
     """An image of colour `outer` with a centred inner_side x inner_side square of colour `inner`."""
     im = np.full((h, w, 3), outer, np.uint8)
     top, left = (h - inner_side) // 2, (w - inner_side) // 2
-    im[top:top + inner_side, left:left + inner_side] = inner
+    im[top : top + inner_side, left : left + inner_side] = inner
     return Image.fromarray(im)
 
 
@@ -93,7 +94,8 @@ def test_celeba_crop_is_the_central_two_thirds_of_the_width(tmp_path):
         framed(178, 218, inner).save(root / "img_align_celeba" / "000001.png")
         (root / "img_align_celeba" / "000001.jpg").unlink()
         (root / "list_attr_celeba.txt").write_text(
-            (root / "list_attr_celeba.txt").read_text().replace("000001.jpg", "000001.png"))
+            (root / "list_attr_celeba.txt").read_text().replace("000001.jpg", "000001.png")
+        )
         image = load_all(quiet_open("celeba", root))[0].astype(int)
         border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])  # (4 * 64, 3)
         blue_at_border = (border[:, 2] > 60).any()
@@ -165,15 +167,18 @@ def test_read_only_data_is_cached_in_the_user_cache(tmp_path, monkeypatch):
     assert list(home_cache.glob("encdiff/*/imagefolder_64.npy"))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no folder", "no such folder"),
-    ("no attribute file", "no list_attr_celeba.txt"),
-    ("no image folder", "no img_align_celeba"),
-    ("bad count", "announces 7 images but 6 rows follow"),
-    ("bad value", "line 5: attribute values must be -1 or 1"),
-    ("short row", "line 4 has 4 values for 5 attributes"),
-    ("all unreadable", "none of the 6 images could be read"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no folder", "no such folder"),
+        ("no attribute file", "no list_attr_celeba.txt"),
+        ("no image folder", "no img_align_celeba"),
+        ("bad count", "announces 7 images but 6 rows follow"),
+        ("bad value", "line 5: attribute values must be -1 or 1"),
+        ("short row", "line 4 has 4 values for 5 attributes"),
+        ("all unreadable", "none of the 6 images could be read"),
+    ],
+)
 def test_celeba_mistakes_are_one_clear_error(tmp_path, case, message):
     root = tmp_path / "celeba"
     if case != "no folder":

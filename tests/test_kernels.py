@@ -1,5 +1,6 @@
 """kernels/: the fused Triton attention (through the interpreter on the CPU, natively on CUDA),
 the backend dispatch, and the benchmark's CPU path."""
+
 import importlib.util
 import json
 import os
@@ -28,7 +29,7 @@ def fused_inputs(B, Lq, Lk, heads, d, dtype, device=DEVICE, seed=0):
     C = heads * d
     qkv = torch.randn(B, Lq, 3 * C, generator=g).to(device, dtype)
     kv = torch.randn(B, Lk, 2 * C, generator=g).to(device, dtype)
-    return qkv, kv, qkv[..., C:2 * C], kv[..., :C], kv[..., C:]
+    return qkv, kv, qkv[..., C : 2 * C], kv[..., :C], kv[..., C:]
 
 
 def float64_reference(q, k, v, heads, do):
@@ -81,10 +82,10 @@ def test_triton_autograd_through_fused_projections():
     qkv.requires_grad_()
     kv.requires_grad_()
     C = 32
-    o = kernels.attention(qkv[..., C:2 * C], kv[..., :C], kv[..., C:], 2, backend="triton")
+    o = kernels.attention(qkv[..., C : 2 * C], kv[..., :C], kv[..., C:], 2, backend="triton")
     do = torch.randn_like(o)
     o.backward(do)
-    ref_o, dq, dk, dv = float64_reference(qkv[..., C:2 * C], kv[..., :C], kv[..., C:], 2, do)
+    ref_o, dq, dk, dv = float64_reference(qkv[..., C : 2 * C], kv[..., :C], kv[..., C:], 2, do)
     assert_close("o", o, ref_o, torch.float32)
     assert_close("d qkv", qkv.grad, torch.cat([torch.zeros_like(dq), dq, torch.zeros_like(dq)], -1), torch.float32)
     assert_close("d kv", kv.grad, torch.cat([dk, dv], -1), torch.float32)
@@ -187,13 +188,16 @@ def test_forced_backend_that_cannot_run_raises_its_reason():
             kernels.attention(q, k, v, 2, backend="sdpa_flash")
 
 
-@pytest.mark.parametrize("shapes,heads,match", [
-    (((2, 4, 16), (2, 5, 16), (2, 5, 8)), 2, "expects q"),
-    (((2, 4, 16), (3, 5, 16), (3, 5, 16)), 2, "expects q"),
-    (((4, 16), (5, 16), (5, 16)), 2, "expects q"),
-    (((2, 4, 16), (2, 0, 16), (2, 0, 16)), 2, "at least one key"),
-    (((2, 4, 16), (2, 5, 16), (2, 5, 16)), 3, "heads=3"),
-])
+@pytest.mark.parametrize(
+    "shapes,heads,match",
+    [
+        (((2, 4, 16), (2, 5, 16), (2, 5, 8)), 2, "expects q"),
+        (((2, 4, 16), (3, 5, 16), (3, 5, 16)), 2, "expects q"),
+        (((4, 16), (5, 16), (5, 16)), 2, "expects q"),
+        (((2, 4, 16), (2, 0, 16), (2, 0, 16)), 2, "at least one key"),
+        (((2, 4, 16), (2, 5, 16), (2, 5, 16)), 3, "heads=3"),
+    ],
+)
 def test_bad_inputs_raise_value_error(shapes, heads, match):
     q, k, v = [torch.randn(s) for s in shapes]
     with pytest.raises(ValueError, match=match):
@@ -219,12 +223,20 @@ def test_kernels_import_without_encdiff():
     """kernels/ is a standalone package: it imports, and runs attention, with encdiff unimportable.
     The backend is forced to triton because dispatch turns a failed import of cross_attention into
     "triton unavailable" rather than an error."""
-    code = ("import sys; sys.modules['encdiff'] = None\n"  # None in sys.modules: any import of it fails
-            "import torch, kernels\n"
-            "q = torch.randn(1, 4, 16)\n"
-            "assert kernels.attention(q, q, q, 2, backend='triton').shape == q.shape")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=120)
+    code = (
+        "import sys; sys.modules['encdiff'] = None\n"  # None in sys.modules: any import of it fails
+        "import torch, kernels\n"
+        "q = torch.randn(1, 4, 16)\n"
+        "assert kernels.attention(q, q, q, 2, backend='triton').shape == q.shape"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=120,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -278,8 +290,13 @@ def test_bench_shape_arithmetic():
 def test_bench_quick_without_cuda(tmp_path):
     out = tmp_path / "bench.json"
     script = os.path.join(ROOT, "benchmarks", "attn_bench.py")
-    run = subprocess.run([sys.executable, script, "--quick", "--json", str(out)], capture_output=True, text=True,
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    run = subprocess.run(
+        [sys.executable, script, "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "CUDA is not available" in run.stdout
     checks = json.loads(out.read_text())["checks"]
@@ -291,8 +308,9 @@ def test_bench_quick_without_cuda(tmp_path):
 # CUDA only
 
 
-U_NET_SITES = [(px * px, Lk, ch // 8) for px, ch in ((16, 64), (8, 128), (4, 256), (2, 256)) for Lk in (20, px * px)
-               if Lk <= 64]
+U_NET_SITES = [
+    (px * px, Lk, ch // 8) for px, ch in ((16, 64), (8, 128), (4, 256), (2, 256)) for Lk in (20, px * px) if Lk <= 64
+]
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
 """The KL autoencoder (vqvae.kind = "kl"): VQModel's interface and encoder/decoder shape, the
 Gaussian latent and its KL term, and train.py + evaluate.py end to end on a tiny image folder."""
+
 import json
 import os
 import subprocess
@@ -148,11 +149,25 @@ def kl_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("kl")
     photos = write_photos(root / "photos")
     out = root / "run"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(SMOKE[0]), "--config", str(SMOKE[1]),
-           "--data.name=imagefolder", f"--data.path={photos}", "--vqvae.kind=kl", "--vqvae.steps=2",
-           "--encdiff.steps=2", f"--run.out_dir={out}", "--run.log_every=1", "--run.ckpt_every=2"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(SMOKE[0]),
+        "--config",
+        str(SMOKE[1]),
+        "--data.name=imagefolder",
+        f"--data.path={photos}",
+        "--vqvae.kind=kl",
+        "--vqvae.steps=2",
+        "--encdiff.steps=2",
+        f"--run.out_dir={out}",
+        "--run.log_every=1",
+        "--run.ckpt_every=2",
+    ]
+    r = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return {"root": root, "photos": photos, "out": out, "stderr": r.stderr}
 
@@ -186,8 +201,15 @@ def test_train_py_trains_stage_2_on_the_kl_mean_latent(kl_run):
 def test_evaluate_scores_tad_on_celeba_and_fid_from_the_users_weights(kl_run, capsys):
     celeba = write_celeba(kl_run["root"] / "celeba")
     out = kl_run["root"] / "eval"
-    common = [str(kl_run["out"]), "--quick", "--out", str(out), "--data.name=celeba", f"--data.path={celeba}",
-              "--eval.pictures=false"]
+    common = [
+        str(kl_run["out"]),
+        "--quick",
+        "--out",
+        str(out),
+        "--data.name=celeba",
+        f"--data.path={celeba}",
+        "--eval.pictures=false",
+    ]
     evaluate.main(common)
     printed = capsys.readouterr().out
     record = json.loads((out / "metrics.json").read_text())

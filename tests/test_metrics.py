@@ -2,6 +2,7 @@
 
 Grids are small and sample counts reduced (QUICK), so the file runs in seconds.
 """
+
 import math
 
 import numpy as np
@@ -36,24 +37,30 @@ def permuted(sizes, seed=0):
 # Closed forms
 
 
-@pytest.mark.parametrize("importance, d, c", [
-    (np.eye(5), 1.0, 1.0),
-    (np.vstack([np.eye(5), np.eye(5)]), 1.0, 1.0 - LN2_LN10),
-    (np.hstack([np.eye(5), np.eye(5)]), 1.0 - LN2_LN10, 1.0),
-    (np.zeros((10, 10)), 0.0, 0.0),
-    (np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), 1.0, 1.0),  # an unused code changes nothing
-])
+@pytest.mark.parametrize(
+    "importance, d, c",
+    [
+        (np.eye(5), 1.0, 1.0),
+        (np.vstack([np.eye(5), np.eye(5)]), 1.0, 1.0 - LN2_LN10),
+        (np.hstack([np.eye(5), np.eye(5)]), 1.0 - LN2_LN10, 1.0),
+        (np.zeros((10, 10)), 0.0, 0.0),
+        (np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), 1.0, 1.0),  # an unused code changes nothing
+    ],
+)
 def test_dci_closed_forms(importance, d, c):
     assert metrics.disentanglement(5.0 * importance) == pytest.approx(d, abs=1e-7)
     assert metrics.completeness(5.0 * importance) == pytest.approx(c, abs=1e-7)
 
 
-@pytest.mark.parametrize("mutual_info, expected", [
-    (np.eye(5), 1.0),
-    (np.hstack([np.eye(5), np.eye(5)]), 1.0 - 1.0 / 9.0),
-    (np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), 2.0 / 3.0),  # an empty code scores 0
-    (np.zeros((10, 10)), 0.0),
-])
+@pytest.mark.parametrize(
+    "mutual_info, expected",
+    [
+        (np.eye(5), 1.0),
+        (np.hstack([np.eye(5), np.eye(5)]), 1.0 - 1.0 / 9.0),
+        (np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), 2.0 / 3.0),  # an empty code scores 0
+        (np.zeros((10, 10)), 0.0),
+    ],
+)
 def test_modularity_closed_forms(mutual_info, expected):
     assert metrics.modularity(mutual_info) == pytest.approx(expected)
 
@@ -98,8 +105,7 @@ def test_identity_codes_score_high():
 
 def test_zero_codes_score_low():
     codes = np.zeros((math.prod(MIXED), 5))
-    assert small("factor_vae", codes, MIXED) == {"train_accuracy": 0.0, "eval_accuracy": 0.0,
-                                                 "num_active_dims": 0}
+    assert small("factor_vae", codes, MIXED) == {"train_accuracy": 0.0, "eval_accuracy": 0.0, "num_active_dims": 0}
     assert small("dci", codes, MIXED)["disentanglement"] <= 0.2
     assert small("mig", codes, MIXED)["discrete_mig"] <= 0.2
     assert small("sap", codes, MIXED)["sap_score"] <= 0.2
@@ -136,8 +142,7 @@ def test_compute_all_runs_the_named_metrics_in_order():
     scores = metrics.compute_all(codes, MIXED, metrics="mig, dci,factor_vae", quick=True, seed=3)
     assert list(scores) == ["mig", "dci", "factor_vae"]
     assert scores["mig"] == metrics.mig(codes, MIXED, seed=3, **metrics.QUICK["mig"])
-    assert set(scores["dci"]) == {"disentanglement", "completeness", "informativeness_train",
-                                  "informativeness_test"}
+    assert set(scores["dci"]) == {"disentanglement", "completeness", "informativeness_train", "informativeness_test"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,14 +154,17 @@ def test_an_unknown_metric_name_is_a_user_error():
         metrics.compute_all(grid(MIXED), MIXED, metrics=["dci", "nope"])
 
 
-@pytest.mark.parametrize("call", [
-    lambda: metrics.mig(grid(MIXED)[:-1], MIXED),  # rows do not match the grid
-    lambda: metrics.mig(grid(MIXED)[:, :1], MIXED),  # one code has no runner-up
-    lambda: metrics.mig(np.full((math.prod(MIXED), 3), np.nan), MIXED),
-    lambda: metrics.dci(grid((1, 5)), (1, 5)),  # a factor with one value
-    lambda: metrics.factor_vae_score(grid(MIXED), MIXED, num_train=0),
-    lambda: metrics.dci(grid(MIXED), MIXED, n_jobs=0),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: metrics.mig(grid(MIXED)[:-1], MIXED),  # rows do not match the grid
+        lambda: metrics.mig(grid(MIXED)[:, :1], MIXED),  # one code has no runner-up
+        lambda: metrics.mig(np.full((math.prod(MIXED), 3), np.nan), MIXED),
+        lambda: metrics.dci(grid((1, 5)), (1, 5)),  # a factor with one value
+        lambda: metrics.factor_vae_score(grid(MIXED), MIXED, num_train=0),
+        lambda: metrics.dci(grid(MIXED), MIXED, n_jobs=0),
+    ],
+)
 def test_bad_inputs_raise_value_error(call):
     with pytest.raises(ValueError):
         call()

@@ -26,8 +26,9 @@ def perturb(model, std=0.05, seed=0):
 
 
 def tiny_unet(**kw):
-    args = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,),
-                num_heads=4, context_dim=8)
+    args = dict(
+        model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,), num_heads=4, context_dim=8
+    )
     return UNet(**{**args, **kw})
 
 
@@ -37,6 +38,7 @@ def tiny_inputs(B=2, seed=0):
 
 
 # ---------------------------------------------------------------- parameter counts (the release)
+
 
 def test_released_parameter_counts():
     assert n_params(VQModel()) == 3_478_078
@@ -49,6 +51,7 @@ def test_released_parameter_counts():
 
 
 # ---------------------------------------------------------------- VQ autoencoder
+
 
 def test_vq_shapes_and_decode_quantizes():
     vq = VQModel().eval()
@@ -120,6 +123,7 @@ def test_ema_codebook_follows_data_and_restarts_dead_codes(threshold):
 
 def _ema_rank(rank, world, init_file, out_dir):
     import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)  # the same initial codebook (DDP broadcasts rank 0's)
     q = VectorQuantizer(8, 2, ema=True, ema_decay=0.8, dead_threshold=1.0).train()
@@ -144,6 +148,7 @@ def test_vq_bad_config():
 
 
 # ---------------------------------------------------------------- concept encoder
+
 
 def test_concept_encoder_layout_is_the_released_one():
     enc = ConceptEncoder()
@@ -180,7 +185,7 @@ def test_each_scalar_has_its_own_mlp():
     tokens = mlps(s)
     # the batched computation equals N separate nn.Linear-style MLPs with the same weights
     for n in (0, 7, 19):
-        h = s[:, n:n + 1]
+        h = s[:, n : n + 1]
         for i, (w, b) in enumerate(zip(mlps.weights, mlps.biases)):
             h = F.linear(F.elu(h) if i else h, w[n].T, b[n])
         torch.testing.assert_close(tokens[:, n], h)
@@ -198,6 +203,7 @@ def test_concept_encoder_bad_input():
 
 
 # ---------------------------------------------------------------- U-Net
+
 
 def test_unet_output_starts_at_zero_and_has_input_shape():
     unet = UNet()
@@ -311,8 +317,10 @@ def test_unet_bad_config(kw):
 def test_unet_triton_backend_is_for_cross_attention_only():
     """Built with "triton" or switched to it: the same per-layer backends (self-attention has up
     to 256 keys, past the short-key kernel)."""
+
     def backends(unet):
         return [(m.is_cross, m.backend) for m in unet.modules() if isinstance(m, Attention)]
+
     built = backends(tiny_unet(attn_backend="triton"))
     switched = tiny_unet()
     switched.set_attn_backend("triton")
@@ -325,8 +333,15 @@ def test_unet_cuda_bf16_channels_last_compiled_matches_math_eager():
     # Two levels of the released widths (head dim 8 at 16x16, 16 at 8x8): the default U-Net's
     # attention sites, at a compile time of seconds rather than the full model's three minutes.
     torch.manual_seed(0)
-    unet = UNet(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1), num_heads=8,
-                context_dim=16, attn_backend="math")
+    unet = UNet(
+        model_channels=64,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(0, 1),
+        num_heads=8,
+        context_dim=16,
+        attn_backend="math",
+    )
     unet = perturb(unet).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(8, 3, 16, 16, device="cuda").to(memory_format=torch.channels_last)
     t, c = torch.randint(0, 1000, (8,), device="cuda"), torch.randn(8, 20, 16, device="cuda")

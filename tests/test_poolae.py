@@ -1,5 +1,6 @@
 """The fixed stage 1 (vqvae.kind = "pool"): the latent is the image at 1/f resolution, nothing is
 trained, and train.py + evaluate.py run end to end on it."""
+
 import json
 
 import pytest
@@ -57,8 +58,9 @@ def test_train_and_evaluate_with_the_pool_stage(tmp_path, capsys):
     assert not (out / "vqvae" / "log.jsonl").exists()
     run_train(out, data, "--vqvae.kind=pool", "--encdiff.prediction=x0")  # a rerun finds both stages done
     assert load_trained(out).diffusion.prediction == "x0"  # read back from the checkpoint's config
-    evaluate.main([str(out), "--metrics", "factor_vae", "--quick", "--out", str(tmp_path / "eval"),
-                   "--eval.pictures=false"])
+    evaluate.main(
+        [str(out), "--metrics", "factor_vae", "--quick", "--out", str(tmp_path / "eval"), "--eval.pictures=false"]
+    )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert 0.0 <= metrics["factor_vae"]["eval_accuracy"] <= 1.0
     # the code-factor diagnostic reads the same run

@@ -1,5 +1,6 @@
 """Fault injection: preemption signals, killed workers, corrupt checkpoints, non-finite losses,
 unwritable output, bad input. Every test runs the real train.py in subprocesses on the CPU."""
+
 import json
 import os
 import random
@@ -28,8 +29,16 @@ def train_cmd(out_dir, data, *extra, nproc=1, restarts=0):
     args = [*TINY, f"--run.out_dir={out_dir}", "--data.name=h5", f"--data.path={data}", *extra]
     if nproc == 1:
         return [sys.executable, str(ROOT / "train.py"), *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            f"--max-restarts={restarts}", str(ROOT / "train.py"), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        f"--max-restarts={restarts}",
+        str(ROOT / "train.py"),
+        *args,
+    ]
 
 
 _started = []
@@ -131,12 +140,19 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, tiny_data):
 def test_a_rank_whose_init_hangs_exits_for_torchrun_to_restart():
     """Rank 0 of a world of 2 whose peer never comes: init_process_group would wait for it (30
     minutes by default); the watchdog ends the process with INIT_HUNG_EXIT after run.init_timeout."""
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": "0"}  # rank 0 binds any free port: no other process can take it first
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "0",
+    }  # rank 0 binds any free port: no other process can take it first
     code = "from encdiff import dist; dist.setup('cpu', init_timeout=2); print('initialised')"
     t0 = time.time()
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     from encdiff.dist import INIT_HUNG_EXIT
+
     assert r.returncode == INIT_HUNG_EXIT, r.stderr[-2000:]
     assert "initialised" not in r.stdout and "run.init_timeout" in r.stderr
     assert time.time() - t0 < 60
@@ -144,8 +160,12 @@ def test_a_rank_whose_init_hangs_exits_for_torchrun_to_restart():
 
 def test_only_a_single_node_restart_gets_a_store_per_attempt(monkeypatch):
     from encdiff import dist
-    for env, expect_none in (({}, True), ({"TORCHELASTIC_RESTART_COUNT": "0", "GROUP_WORLD_SIZE": "1"}, True),
-                             ({"TORCHELASTIC_RESTART_COUNT": "2", "GROUP_WORLD_SIZE": "2"}, True)):
+
+    for env, expect_none in (
+        ({}, True),
+        ({"TORCHELASTIC_RESTART_COUNT": "0", "GROUP_WORLD_SIZE": "1"}, True),
+        ({"TORCHELASTIC_RESTART_COUNT": "2", "GROUP_WORLD_SIZE": "2"}, True),
+    ):
         for key in ("TORCHELASTIC_RESTART_COUNT", "GROUP_WORLD_SIZE"):
             monkeypatch.delenv(key, raising=False)
         for key, value in env.items():
@@ -199,7 +219,9 @@ def test_too_many_nonfinite_steps_stop_with_the_last_good_state(tmp_path, tiny_d
     out = tmp_path / "run"
     os.environ["ENCDIFF_INJECT_NAN"] = ",".join(str(s) for s in range(2, 40))
     try:
-        r = run_train(out, tiny_data, *LONG, "--run.stages=vqvae", "--vqvae.steps=40", "--run.max_nonfinite=3", check=False)
+        r = run_train(
+            out, tiny_data, *LONG, "--run.stages=vqvae", "--vqvae.steps=40", "--run.max_nonfinite=3", check=False
+        )
     finally:
         del os.environ["ENCDIFF_INJECT_NAN"]
     errors = [line for line in r.stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]

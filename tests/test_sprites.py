@@ -1,4 +1,5 @@
 """sprites2d, the second procedural ground-truth set (generic HDF5 format, other factors)."""
+
 import hashlib
 import subprocess
 import sys
@@ -55,7 +56,8 @@ def test_sprites_stay_inside_the_image(grid):
 
 def test_the_command_writes_the_same_bytes_every_time(tmp_path, path):
     out = tmp_path / "again.h5"
-    subprocess.run([sys.executable, "-m", "encdiff.data.sprites", "--out", str(out)], cwd=ROOT, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "encdiff.data.sprites", "--out", str(out)], cwd=ROOT, check=True, capture_output=True
+    )
     digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
     assert digest(out) == digest(path)

@@ -1,6 +1,7 @@
 """encdiff/steps.py: the one home of each stage's update. On the CPU: no host sync inside a step,
 the benchmark's step is train.py's, the non-finite guard, the EMA, the batch order. On CUDA: the
 captured update trains exactly as the eager one."""
+
 import math
 import sys
 
@@ -53,7 +54,10 @@ def one_process():
 def stage_steps(cfg, images):
     torch.manual_seed(3)
     vq = build_vq(cfg.vqvae).eval().requires_grad_(False)
-    return {"vqvae": steps.VQStep(cfg, one_process(), images), "encdiff": steps.EncDiffStep(cfg, one_process(), images, vq)}
+    return {
+        "vqvae": steps.VQStep(cfg, one_process(), images),
+        "encdiff": steps.EncDiffStep(cfg, one_process(), images, vq),
+    }
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
@@ -72,8 +76,9 @@ def test_no_host_sync_inside_a_step(tiny_data, precision):
             for i in range(1, 4):
                 out = st(i)
                 win.add(out[0], out[1], len(out[2]))
-                assert not train.end_of_step(i + 1, 100, cfg.run, one_process(), win, 1e-3, None, _Bar(), vote,
-                                             lambda *a, **k: None)
+                assert not train.end_of_step(
+                    i + 1, 100, cfg.run, one_process(), win, 1e-3, None, _Bar(), vote, lambda *a, **k: None
+                )
         assert counter.seen == {}, (stage, precision, counter.seen)
 
 
@@ -100,8 +105,11 @@ def test_the_benchmark_step_is_train_pys_step(tmp_path, tiny_data):
     finally:
         torch.set_num_threads(threads)
     trained = final(out, "encdiff")
-    mine = {**ckpt.prefixed("encoder", st.model.encoder.state_dict()), **ckpt.prefixed("unet", st.model.unet.state_dict()),
-            **ckpt.prefixed("ema", st.ema.state_dict())}
+    mine = {
+        **ckpt.prefixed("encoder", st.model.encoder.state_dict()),
+        **ckpt.prefixed("unet", st.model.unet.state_dict()),
+        **ckpt.prefixed("ema", st.ema.state_dict()),
+    }
     assert mine.keys() <= trained.keys()
     for k, v in mine.items():
         assert torch.equal(v, trained[k]), k
@@ -168,12 +176,14 @@ def test_ema_follows_ldm_litema_and_its_warmup():
 
 def test_batch_order_is_a_seeded_permutation_split_over_ranks():
     n, batch, world = 50, 8, 2
-    orders = [steps.BatchOrder(n, batch, dist.Dist(r, r, world, torch.device("cpu")), 7, torch.device("cpu"))
-              for r in range(world)]
+    orders = [
+        steps.BatchOrder(n, batch, dist.Dist(r, r, world, torch.device("cpu")), 7, torch.device("cpu"))
+        for r in range(world)
+    ]
     assert orders[0].per_epoch == 6  # the short last batch (2 images) is dropped
     for step in (0, 5, 6, 13):
         epoch, i = divmod(step, 6)
-        expected = torch.randperm(n, generator=torch.Generator().manual_seed(7 * 100003 + epoch))[i * 8:(i + 1) * 8]
+        expected = torch.randperm(n, generator=torch.Generator().manual_seed(7 * 100003 + epoch))[i * 8 : (i + 1) * 8]
         got = torch.cat([o.indices(step) for o in orders])
         assert torch.equal(got, expected) and torch.equal(orders[0].global_indices(step), expected)
     assert not set(orders[0].indices(1).tolist()) & set(orders[1].indices(1).tolist())
@@ -190,7 +200,9 @@ def test_optimizer_moments_keep_the_channels_last_layout_after_loading():
     other = fused_adamw(conv.parameters())
     ckpt.optimizer_from_tensors(other, "opt", {k: v.contiguous() for k, v in tensors.items()}, groups)
     state = other.state[conv.weight]
-    assert state["exp_avg"].stride() == conv.weight.stride() and torch.equal(state["exp_avg"], opt.state[conv.weight]["exp_avg"])
+    assert state["exp_avg"].stride() == conv.weight.stride() and torch.equal(
+        state["exp_avg"], opt.state[conv.weight]["exp_avg"]
+    )
     assert torch.is_tensor(other.param_groups[0]["lr"])  # still the tensor a captured step reads
 
 
@@ -228,8 +240,17 @@ def test_the_capture_warmup_is_undone_exactly(tiny_data, stage, steps_before):
 
 
 def cuda_config(data, *extra):
-    return parse_args([*TINY, "--data.name=h5", f"--data.path={data}", "--run.device=cuda", "--perf.compile=off",
-                       "--perf.attention=sdpa", *extra])
+    return parse_args(
+        [
+            *TINY,
+            "--data.name=h5",
+            f"--data.path={data}",
+            "--run.device=cuda",
+            "--perf.compile=off",
+            "--perf.attention=sdpa",
+            *extra,
+        ]
+    )
 
 
 def run_steps(cfg, stage, n, start=0, load=None):
@@ -257,7 +278,9 @@ def state_of(st):
 def test_captured_update_trains_as_the_eager_one(tiny_data, stage):
     """Kernels are the same with the graph on and off (compile off, sdpa, fp32 here), so the
     weights after a few updates must be bitwise equal; the first update is a replay."""
-    eager, eager_losses = run_steps(cuda_config(tiny_data, "--perf.cuda_graph=false", "--perf.precision=fp32"), stage, 5)
+    eager, eager_losses = run_steps(
+        cuda_config(tiny_data, "--perf.cuda_graph=false", "--perf.precision=fp32"), stage, 5
+    )
     graphed, graphed_losses = run_steps(cuda_config(tiny_data, "--perf.precision=fp32"), stage, 5)
     assert eager.graph is None and graphed.graph is not None
     assert graphed_losses == eager_losses
@@ -274,7 +297,9 @@ def test_captured_update_resumes_bitwise(tmp_path, tiny_data):
     path = tmp_path / "c.safetensors"
     artifacts.save_encdiff(path, 3, first, cfg, "vq")
     tensors, meta = ckpt.load_checkpoint(path)
-    resumed, _ = run_steps(cfg, "encdiff", 3, start=3, load=lambda st: artifacts.load_encdiff_training(st, tensors, meta, path))
+    resumed, _ = run_steps(
+        cfg, "encdiff", 3, start=3, load=lambda st: artifacts.load_encdiff_training(st, tensors, meta, path)
+    )
     a, b = state_of(straight), state_of(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k

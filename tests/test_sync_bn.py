@@ -54,7 +54,9 @@ def test_two_ranks_match_one_batchnorm_over_the_global_batch(tmp_path):
     assert torch.allclose(gx, xr.grad, atol=1e-5)
     # the weight gradient is per-rank (DDP averages it); the sum over ranks is the full-batch one
     assert torch.allclose(out[0][3] + out[1][3], ref.weight.grad, atol=1e-4)
-    assert torch.allclose(out[0][4], ref.running_mean, atol=1e-6) and torch.allclose(out[0][5], ref.running_var, atol=1e-5)
+    assert torch.allclose(out[0][4], ref.running_mean, atol=1e-6) and torch.allclose(
+        out[0][5], ref.running_var, atol=1e-5
+    )
 
 
 def test_is_plain_batchnorm_without_process_group():

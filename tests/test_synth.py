@@ -1,4 +1,5 @@
 """synth3d, the procedural Shapes3D look-alike: the properties encdiff/data/synth.py promises."""
+
 import hashlib
 import subprocess
 import sys
@@ -98,7 +99,8 @@ def interior(mask):
     out = np.zeros_like(mask)
     h, w = mask.shape[-2:]
     out[..., 1:-1, 1:-1] = np.logical_and.reduce(
-        [mask[..., 1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+        [mask[..., 1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    )
     return out
 
 
@@ -140,16 +142,24 @@ def test_bounding_sphere_holds_every_shape(shape):
 
 def test_cli_is_deterministic_to_the_byte(small, tmp_path):
     out = tmp_path / "again.h5"
-    run = subprocess.run([sys.executable, "-m", "encdiff.data.synth", "--out", str(out), "--grid", "small"],
-                         cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "encdiff.data.synth", "--out", str(out), "--grid", "small"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert out.read_bytes() == Path(small).read_bytes()
     assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
 
 
 def test_cli_rejects_unknown_grid(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "encdiff.data.synth", "--out", str(tmp_path / "x.h5"), "--grid", "huge"],
-                         cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "encdiff.data.synth", "--out", str(tmp_path / "x.h5"), "--grid", "huge"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 2 and "huge" in run.stderr
 
 
@@ -194,8 +204,9 @@ def test_full_grid(tmp_path):
     ds = open_dataset("synth3d", path)
     assert len(ds) == 480000 and ds.factor_sizes == (10, 10, 10, 8, 4, 15)
     images = ds.images.array.reshape(len(ds), -1)
-    digests = np.array([int.from_bytes(hashlib.blake2b(row, digest_size=8).digest(), "little") for row in images],
-                       dtype=np.uint64)
+    digests = np.array(
+        [int.from_bytes(hashlib.blake2b(row, digest_size=8).digest(), "little") for row in images], dtype=np.uint64
+    )
     assert len(np.unique(digests)) == len(ds)
     grid = digests.reshape(ds.factor_sizes)
     for axis in range(6):

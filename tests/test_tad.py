@@ -1,5 +1,6 @@
 """TAD (NashAE's Total AUROC Difference) on codes whose answer is known in closed form, its AUROC
 against sklearn and against a direct port of NashAE's threshold loop, and its input checks."""
+
 import math
 
 import numpy as np
@@ -123,12 +124,15 @@ def test_constant_attributes_never_count_and_subsampling_is_seeded():
     assert a == b and tad(x, y, num_samples=500, seed=2) != a
 
 
-@pytest.mark.parametrize("codes, attributes, message", [
-    (np.zeros((10, 3)), np.zeros((9, 2)), "one row per code"),
-    (np.zeros((10, 3)), np.full((10, 2), -1), "0 or 1"),
-    (np.zeros((10, 1)), np.zeros((10, 2)), "C >= 2"),
-    (np.full((10, 3), np.nan), np.zeros((10, 2)), "NaN"),
-])
+@pytest.mark.parametrize(
+    "codes, attributes, message",
+    [
+        (np.zeros((10, 3)), np.zeros((9, 2)), "one row per code"),
+        (np.zeros((10, 3)), np.full((10, 2), -1), "0 or 1"),
+        (np.zeros((10, 1)), np.zeros((10, 2)), "C >= 2"),
+        (np.full((10, 3), np.nan), np.zeros((10, 2)), "NaN"),
+    ],
+)
 def test_bad_inputs_raise_value_error(codes, attributes, message):
     with pytest.raises(ValueError, match=message):
         tad(codes, attributes)

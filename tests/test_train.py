@@ -1,4 +1,5 @@
 """train.py end to end on the CPU: one process, two gloo ranks under torchrun, exact resume."""
+
 import json
 import os
 import subprocess
@@ -15,10 +16,21 @@ from encdiff import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [  # a tiny model on a tiny generic-h5 dataset: seconds per run
-    "--config", str(ROOT / "config.toml"), "--config", str(ROOT / "configs" / "smoke.toml"),
-    "--vqvae.steps=4", "--encdiff.steps=6", "--run.ckpt_every=3", "--run.log_every=2", "--run.image_every=4",
-    "--vqvae.ch_mult=[1,1,2]", "--vqvae.n_embed=32", "--encdiff.model_channels=32", "--encdiff.channel_mult=[1,2]",
-    "--encdiff.encoder_ch=16", "--eval.batch_size=32",
+    "--config",
+    str(ROOT / "config.toml"),
+    "--config",
+    str(ROOT / "configs" / "smoke.toml"),
+    "--vqvae.steps=4",
+    "--encdiff.steps=6",
+    "--run.ckpt_every=3",
+    "--run.log_every=2",
+    "--run.image_every=4",
+    "--vqvae.ch_mult=[1,1,2]",
+    "--vqvae.n_embed=32",
+    "--encdiff.model_channels=32",
+    "--encdiff.channel_mult=[1,2]",
+    "--encdiff.encoder_ch=16",
+    "--eval.batch_size=32",
 ]
 
 
@@ -46,8 +58,15 @@ def run_train(out_dir, data, *extra, nproc=1, check=True):
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "train.py"), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "train.py"), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(ROOT / "train.py"),
+            *args,
+        ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
@@ -133,10 +152,28 @@ def test_two_launchers_on_one_host_act_as_two_nodes(tmp_path, tiny_data):
     out = tmp_path / "run"
     args = [*TINY, f"--run.out_dir={out}", "--data.name=h5", f"--data.path={tiny_data}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=twonodes",
-                               str(ROOT / "train.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env, cwd=ROOT) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=twonodes",
+                str(ROOT / "train.py"),
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert "world size 2" in outputs[0][0] + outputs[1][0]

@@ -174,8 +174,11 @@ def test_generator_loss_with_gan():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"disc_weight": -1.0}, "disc_weight"), ({"disc_start": -3}, "disc_start"),
-     ({"perceptual_weight": float("nan")}, "perceptual_weight")],
+    [
+        ({"disc_weight": -1.0}, "disc_weight"),
+        ({"disc_start": -3}, "disc_start"),
+        ({"perceptual_weight": float("nan")}, "perceptual_weight"),
+    ],
 )
 def test_vq_loss_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,7 +1,8 @@
 """A ground-truth dataset: images in row-major factor order (last factor fastest) and the factor grid.
 
-    index = sum_k f_k * prod(factor_sizes[k+1:])
+index = sum_k f_k * prod(factor_sizes[k+1:])
 """
+
 import math
 
 import numpy as np
@@ -56,7 +57,7 @@ class Images:
         if self._raw is None:
             rows = self._stream(size)
         else:
-            rows = (self._raw[start:start + size] for start in range(0, len(self), size))
+            rows = (self._raw[start : start + size] for start in range(0, len(self), size))
         for raw in rows:
             yield self._apply(raw)
 
@@ -67,7 +68,7 @@ class Images:
         raw = np.empty(self._raw_shape, np.uint8)
         start = 0
         for rows in self._stream(CHUNK):
-            raw[start:start + len(rows)] = rows
+            raw[start : start + len(rows)] = rows
             start += len(rows)
         return raw
 
@@ -111,7 +112,9 @@ class GroundTruthDataset:
     def __repr__(self):
         grid = ", ".join(f"{n}={s}" for n, s in zip(self.factor_names, self.factor_sizes))
         how = "memory-mapped" if self.images.memory_mapped else "in memory or streamed"
-        return f"GroundTruthDataset({self.name}, {self.path}, {len(self)} images {self.images.shape[1:]}, {grid}; {how})"
+        return (
+            f"GroundTruthDataset({self.name}, {self.path}, {len(self)} images {self.images.shape[1:]}, {grid}; {how})"
+        )
 
 
 def iter_chunks(ds, size=CHUNK, progress=True):
@@ -135,5 +138,5 @@ def load_all(ds, progress=True):
         return array
     out = np.empty(ds.images.shape, np.uint8)
     for start, chunk in iter_chunks(ds, progress=progress):
-        out[start:start + len(chunk)] = chunk
+        out[start : start + len(chunk)] = chunk
     return out

@@ -16,6 +16,7 @@ decode once; a changed folder (a file added, removed, resized or touched) is dec
 Unreadable images (corrupt, truncated, missing) are skipped and listed in one warning; their rows
 (and CelebA attributes) are left out, so row i is always `ds.files[i]`.
 """
+
 import fcntl
 import hashlib
 import json
@@ -94,10 +95,12 @@ def decode_all(folder, names, crop, out, desc, progress):
     ok = np.zeros(len(names), bool)
     skipped = []
     workers = 1 if len(names) < 256 else min(16, len(os.sched_getaffinity(0)))
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(names), desc=desc, unit="img", unit_scale=True,
-                                                   disable=not progress, dynamic_ncols=True) as bar:
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(total=len(names), desc=desc, unit="img", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar,
+    ):
         for start in range(0, len(names), DECODE_BLOCK):
-            block = names[start:start + DECODE_BLOCK]
+            block = names[start : start + DECODE_BLOCK]
             for i, (image, reason) in enumerate(pool.map(lambda n: decode_square(folder / n, crop), block), start):
                 if reason is None:
                     out[i] = image
@@ -189,7 +192,7 @@ def write_cache(folder, names, crop, npy, meta_path, signature, desc, progress):
             tmp2 = npy.with_name(f".{npy.name}.{os.getpid()}.kept.tmp")
             compact = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8, shape=(len(kept), SIZE, SIZE, 3))
             for start in range(0, len(kept), DECODE_BLOCK):
-                compact[start:start + DECODE_BLOCK] = out[kept[start:start + DECODE_BLOCK]]
+                compact[start : start + DECODE_BLOCK] = out[kept[start : start + DECODE_BLOCK]]
             compact.flush()
             del compact
             os.replace(tmp2, tmp)
@@ -230,8 +233,10 @@ def cached_images(folder, names, crop, data_dir, stem, desc, progress):
     if skipped:
         listed = "; ".join(f"{n} ({why})" for n, why in skipped[:20])
         more = f"; ... and {len(skipped) - 20} more (all in {meta_path})" if len(skipped) > 20 else ""
-        warnings.warn(f"{folder}: skipped {len(skipped)} of {len(names)} images that could not be read: {listed}{more}",
-                      stacklevel=4)  # the caller of open_dataset
+        warnings.warn(
+            f"{folder}: skipped {len(skipped)} of {len(names)} images that could not be read: {listed}{more}",
+            stacklevel=4,
+        )  # the caller of open_dataset
     if len(images) == 0:
         raise UserError(f"{folder}: none of the {len(names)} images could be read")
     return images, meta["files"], skipped
@@ -247,8 +252,9 @@ def list_images(folder):
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel = Path(root).relative_to(folder)
-        names += [(rel / f).as_posix() for f in files
-                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        names += [
+            (rel / f).as_posix() for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+        ]
     return sorted(names)
 
 
@@ -258,8 +264,9 @@ def open_imagefolder(path, progress=True):
     if not path.is_dir():
         raise UserError(f"{path}: no such folder (imagefolder: a folder of images)")
     names = list_images(path)
-    images, files, skipped = cached_images(path, names, FOLDER_CROP, path, "imagefolder_64", f"{path.name}: decoding",
-                                           progress)
+    images, files, skipped = cached_images(
+        path, names, FOLDER_CROP, path, "imagefolder_64", f"{path.name}: decoding", progress
+    )
     return PhotoDataset("imagefolder", path, Images(images.shape, raw=images), files, skipped)
 
 
@@ -267,8 +274,9 @@ def find_celeba(root):
     """(image folder, attribute file) of the aligned CelebA release under root: img_align_celeba/ and
     list_attr_celeba.txt side by side, or the download's Img/ and Anno/ folders."""
     if not root.is_dir():
-        raise UserError(f"{root}: no such folder (celeba: the folder holding img_align_celeba/ and "
-                        "list_attr_celeba.txt)")
+        raise UserError(
+            f"{root}: no such folder (celeba: the folder holding img_align_celeba/ and list_attr_celeba.txt)"
+        )
     if root.name == "img_align_celeba":  # pointed at the image folder itself
         attr_candidates, image_candidates = [root.parent / "list_attr_celeba.txt"], [root]
     else:
@@ -276,8 +284,10 @@ def find_celeba(root):
         image_candidates = [root / "img_align_celeba", root / "Img" / "img_align_celeba"]
     attr = next((p for p in attr_candidates if p.is_file()), None)
     if attr is None:
-        raise UserError(f"{root}: no list_attr_celeba.txt here or in Anno/ (celeba: the aligned release's "
-                        "img_align_celeba/ folder and its list_attr_celeba.txt)")
+        raise UserError(
+            f"{root}: no list_attr_celeba.txt here or in Anno/ (celeba: the aligned release's "
+            "img_align_celeba/ folder and its list_attr_celeba.txt)"
+        )
     folder = next((p for p in image_candidates if p.is_dir()), None)
     if folder is None:
         raise UserError(f"{root}: no img_align_celeba/ folder here or in Img/ (celeba: the aligned release)")

@@ -12,6 +12,7 @@ them (the trainer copies the stream to the GPU), and the first random access rea
 the process's RAM. To share those as well, re-save them uncompressed (np.savez, or the generic
 HDF5 format). Cars3D (216 MB) is decoded and resized into RAM.
 """
+
 import struct
 import zipfile
 import zlib
@@ -28,9 +29,23 @@ from encdiff.errors import UserError
 
 # (name, size) of each factor, in the row order of the published files.
 FACTORS = {
-    "shapes3d": (("floor_hue", 10), ("wall_hue", 10), ("object_hue", 10), ("scale", 8), ("shape", 4), ("orientation", 15)),
-    "mpi3d": (("object_color", 6), ("object_shape", 6), ("object_size", 2), ("camera_height", 3),
-              ("background_color", 3), ("horizontal_axis", 40), ("vertical_axis", 40)),
+    "shapes3d": (
+        ("floor_hue", 10),
+        ("wall_hue", 10),
+        ("object_hue", 10),
+        ("scale", 8),
+        ("shape", 4),
+        ("orientation", 15),
+    ),
+    "mpi3d": (
+        ("object_color", 6),
+        ("object_shape", 6),
+        ("object_size", 2),
+        ("camera_height", 3),
+        ("background_color", 3),
+        ("horizontal_axis", 40),
+        ("vertical_axis", 40),
+    ),
     "dsprites": (("shape", 3), ("scale", 6), ("orientation", 40), ("pos_x", 32), ("pos_y", 32)),
     "cars3d": (("elevation", 4), ("azimuth", 24)),  # then ("object", number of .mat files)
 }
@@ -48,12 +63,15 @@ def check_array(path, key, shape, dtype, item_shape=None, ndim=4):
         raise UserError(f"{path}: '{key}' has dtype {dtype}, expected uint8")
     if item_shape is not None:
         if tuple(shape[1:]) != tuple(item_shape):
-            raise UserError(f"{path}: '{key}' has shape {tuple(shape)}, expected (N, {', '.join(map(str, item_shape))})")
+            raise UserError(
+                f"{path}: '{key}' has shape {tuple(shape)}, expected (N, {', '.join(map(str, item_shape))})"
+            )
     elif len(shape) != ndim:
         raise UserError(f"{path}: '{key}' has shape {tuple(shape)}, expected 4 dimensions (N, H, W, C)")
 
 
 # --- HDF5 ---
+
 
 def read_h5(path, key, item_shape=None):
     """(Images, file attributes) of the uint8 dataset `key`; memory-mapped when contiguous."""
@@ -79,10 +97,11 @@ def stream_h5(path, key, size):
     with h5py.File(path, "r") as f:
         d = f[key]
         for start in range(0, len(d), size):
-            yield d[start:start + size]
+            yield d[start : start + size]
 
 
 # --- .npz ---
+
 
 def read_npy_header(f, path, key):
     """(shape, dtype) from the .npy header at the start of file object f."""
@@ -117,7 +136,9 @@ def read_npz(path, key, item_shape=None, ndim=4):
         return Images(shape, stream=partial(stream_npz, path, key), raw_shape=shape)
     with open(path, "rb") as f:
         f.seek(info.header_offset)
-        local = f.read(30)  # the local file header; its name and extra field lengths may differ from the central directory's
+        local = f.read(
+            30
+        )  # the local file header; its name and extra field lengths may differ from the central directory's
     if local[:4] != b"PK\x03\x04":
         raise UserError(f"{path}: corrupt zip header for '{key}'")
     name_len, extra_len = struct.unpack("<HH", local[26:30])
@@ -142,6 +163,7 @@ def stream_npz(path, key, size):
 
 
 # --- the datasets ---
+
 
 def dataset(name, path, images, factors):
     return GroundTruthDataset(name, path, images, [s for _, s in factors], [n for n, _ in factors])

@@ -9,6 +9,7 @@ There is no rotation factor: the square and the disc are symmetric under rotatio
 would not be identifiable from the image (dSprites has that flaw). Every factor combination gives
 a distinct image, and a one-step change of any factor changes the image (tested).
 """
+
 import argparse
 import colorsys
 
@@ -62,7 +63,7 @@ def generate(out, progress=True):
                     s, h, k, ix, iy = next(rows)
                     a = coverage(SHAPES[s], SCALES[k], POSITIONS[ix], POSITIONS[iy])[..., None]  # (RES, RES, 1)
                     block[j] = np.round(255 * (a * colours[h] + (1 - a) * BACKGROUND))
-                images[start:start + len(POSITIONS)] = block
+                images[start : start + len(POSITIONS)] = block
                 bar.update(len(POSITIONS))
 
 

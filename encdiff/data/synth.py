@@ -19,6 +19,7 @@ The output is the generic ground-truth HDF5 format (`images` (N, 64, 64, 3) uint
 `factor_sizes` and `factor_names`, rows in row-major factor order) plus `labels` (N, 6) float64
 holding Shapes3D's label values; datasets are contiguous and uncompressed so they memory-map.
 """
+
 import argparse
 import colorsys
 import os
@@ -102,6 +103,7 @@ def hit_room(eye, dirs):
 
 # Object intersections: o (3,) or (M, 3) origins, d (M, 3) or (3,) unit directions. Each returns
 # the distance to the first hit in front of the origin (inf on a miss) and the outward normal there.
+
 
 def hit_sphere(o, d, centre_y, r):
     oc = o - np.array([0.0, centre_y, 0.0])
@@ -288,7 +290,7 @@ def generate(out, grid="full", progress=True):
                     np.copyto(quantized, linear, casting="unsafe")  # truncates: + 0.5 above rounds
                     np.take(to_srgb, quantized, out=srgb)
                     start = (i * sizes[1] + j) * block
-                    images[start:start + block] = srgb.reshape(block, RES, RES, 3)  # (hues, G, ...) -> rows
+                    images[start : start + block] = srgb.reshape(block, RES, RES, 3)  # (hues, G, ...) -> rows
                     bar.update(block)
 
 
@@ -330,7 +332,9 @@ def ensure_synth3d(path, grid="full", progress=True):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Generate synth3d, a procedural Shapes3D look-alike (encdiff/data/synth.py).")
+    parser = argparse.ArgumentParser(
+        description="Generate synth3d, a procedural Shapes3D look-alike (encdiff/data/synth.py)."
+    )
     parser.add_argument("--out", required=True, help="output HDF5 file (replaced if it exists)")
     parser.add_argument("--grid", default="full", choices=sorted(GRIDS), help="full: 480,000 images; small: 3,840")
     args = parser.parse_args()

@@ -1,5 +1,6 @@
 """EncDiff = concept encoder + latent U-Net cross-attending to its tokens, trained by the diffusion
 loss alone. Builders from the config live here so train.py and evaluate.py build the same models."""
+
 import torch.nn as nn
 
 from encdiff.diffusion import Diffusion
@@ -16,14 +17,27 @@ def build_vq(v):
     if v.kind == "pool":
         return PoolModel(pool_size=v.pool_size, embed_dim=v.embed_dim)
     if v.kind == "kl":
-        return KLModel(ch=v.ch, ch_mult=tuple(v.ch_mult), enc_res_blocks=v.enc_res_blocks,
-                       dec_res_blocks=v.dec_res_blocks, z_channels=v.z_channels, embed_dim=v.embed_dim,
-                       kl_weight=v.kl_weight)
+        return KLModel(
+            ch=v.ch,
+            ch_mult=tuple(v.ch_mult),
+            enc_res_blocks=v.enc_res_blocks,
+            dec_res_blocks=v.dec_res_blocks,
+            z_channels=v.z_channels,
+            embed_dim=v.embed_dim,
+            kl_weight=v.kl_weight,
+        )
     if v.kind != "vq":
         raise ValueError(f"vqvae.kind = {v.kind!r}: choose vq, kl or pool")
     return VQModel(
-        ch=v.ch, ch_mult=tuple(v.ch_mult), enc_res_blocks=v.enc_res_blocks, dec_res_blocks=v.dec_res_blocks,
-        z_channels=v.z_channels, embed_dim=v.embed_dim, n_embed=v.n_embed, beta=v.beta, ema_codebook=v.ema_codebook,
+        ch=v.ch,
+        ch_mult=tuple(v.ch_mult),
+        enc_res_blocks=v.enc_res_blocks,
+        dec_res_blocks=v.dec_res_blocks,
+        z_channels=v.z_channels,
+        embed_dim=v.embed_dim,
+        n_embed=v.n_embed,
+        beta=v.beta,
+        ema_codebook=v.ema_codebook,
     )
 
 
@@ -33,18 +47,26 @@ def build_encoder(e):
 
 def build_unet(e, latent_channels, attn_backend="auto"):
     unet = UNet(
-        in_channels=latent_channels, out_channels=latent_channels, model_channels=e.model_channels,
-        channel_mult=tuple(e.channel_mult), num_res_blocks=e.num_res_blocks,
-        attention_levels=tuple(e.attention_levels), num_heads=e.num_heads, context_dim=e.token_dim,
-        dropout=e.dropout, grad_checkpoint=e.grad_checkpoint, attn_backend=attn_backend,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        model_channels=e.model_channels,
+        channel_mult=tuple(e.channel_mult),
+        num_res_blocks=e.num_res_blocks,
+        attention_levels=tuple(e.attention_levels),
+        num_heads=e.num_heads,
+        context_dim=e.token_dim,
+        dropout=e.dropout,
+        grad_checkpoint=e.grad_checkpoint,
+        attn_backend=attn_backend,
     )
     unet.set_attn_backend(attn_backend)
     return unet
 
 
 def build_diffusion(e):
-    return Diffusion(timesteps=e.timesteps, schedule=e.schedule, loss=e.loss, prediction=e.prediction,
-                     t_power=e.t_power)
+    return Diffusion(
+        timesteps=e.timesteps, schedule=e.schedule, loss=e.loss, prediction=e.prediction, t_power=e.t_power
+    )
 
 
 class EncDiff(nn.Module):

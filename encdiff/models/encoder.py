@@ -3,12 +3,12 @@
 Released architecture (1,374,292 parameters at the defaults): a small conv net gives N unbounded
 scalars; each scalar goes through its own MLP to a token the U-Net cross-attends to.
 """
+
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 
 
 class EncResBlock(nn.Module):
@@ -54,8 +54,7 @@ class ConceptEncoder(nn.Module):
     """conv4x4/2 x4 (BN each; ReLU after 1, 2, 4 - not 3, as released), two residual blocks with
     BN + ReLU between them, flatten, Linear -> num_tokens scalars -> per-scalar MLP tokens."""
 
-    def __init__(self, num_tokens=20, token_dim=16, ch=128, mlp_hidden=(64, 128), in_channels=3,
-                 image_size=64):
+    def __init__(self, num_tokens=20, token_dim=16, ch=128, mlp_hidden=(64, 128), in_channels=3, image_size=64):
         super().__init__()
         if image_size % 16 or image_size < 16:
             raise ValueError(f"concept encoder: image_size={image_size} must be a multiple of 16")
@@ -67,11 +66,17 @@ class ConceptEncoder(nn.Module):
             return [nn.Conv2d(cin, ch, 4, stride=2, padding=1), nn.BatchNorm2d(ch)]
 
         self.features = nn.Sequential(
-            *down(in_channels), nn.ReLU(),
-            *down(ch), nn.ReLU(),
+            *down(in_channels),
+            nn.ReLU(),
             *down(ch),
-            *down(ch), nn.ReLU(),
-            EncResBlock(ch), nn.BatchNorm2d(ch), nn.ReLU(), EncResBlock(ch),
+            nn.ReLU(),
+            *down(ch),
+            *down(ch),
+            nn.ReLU(),
+            EncResBlock(ch),
+            nn.BatchNorm2d(ch),
+            nn.ReLU(),
+            EncResBlock(ch),
         )
         self.to_scalars = nn.Linear(ch * (image_size // 16) ** 2, num_tokens)
         self.mlps = TokenMLPs(num_tokens, token_dim, tuple(mlp_hidden))
@@ -79,8 +84,9 @@ class ConceptEncoder(nn.Module):
     def encode(self, x):
         """Image (B, 3, 64, 64) in [-1, 1] -> scalars (B, num_tokens): the representation."""
         if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"concept encoder expects {self.image_size}x{self.image_size} images, "
-                            f"got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"concept encoder expects {self.image_size}x{self.image_size} images, got {tuple(x.shape[-2:])}"
+            )
         # (B, ch, 4, 4) -> (B, ch*16), channel-major like the released View, whatever the memory format
         return self.to_scalars(self.features(x).flatten(1))
 

@@ -9,6 +9,7 @@ kl_weight has LDM's meaning: LDM adds kl_weight x KL (summed over the latent) to
 error summed over the image's values, while VQLoss averages the error over them; so forward()
 returns kl_weight x KL / (values per image) - the same balance, so LDM's 1e-6 carries over.
 """
+
 import torch
 import torch.nn as nn
 
@@ -21,8 +22,18 @@ class KLModel(nn.Module):
     """LDM AutoencoderKL (f = 2^(len(ch_mult) - 1)) with VQModel's interface:
     encode(x) -> latent mean, decode(z) -> image, forward(x) -> (image, weighted KL, None)."""
 
-    def __init__(self, in_channels=3, ch=32, ch_mult=(1, 2, 4), enc_res_blocks=2, dec_res_blocks=3,
-                 z_channels=3, embed_dim=3, kl_weight=1e-6, dropout=0.0):
+    def __init__(
+        self,
+        in_channels=3,
+        ch=32,
+        ch_mult=(1, 2, 4),
+        enc_res_blocks=2,
+        dec_res_blocks=3,
+        z_channels=3,
+        embed_dim=3,
+        kl_weight=1e-6,
+        dropout=0.0,
+    ):
         super().__init__()
         if ch <= 0 or not ch_mult or min(ch_mult) <= 0:
             raise ValueError(f"vqvae: ch={ch} and ch_mult={tuple(ch_mult)} must be positive")

@@ -7,6 +7,7 @@ benchmarks/RESULTS.md). Stage 2 is unchanged: the U-Net denoises this 16x16 thum
 cross-attending to the concept tokens, i.e. EncDiff at 16x16 in pixel space. The released recipe
 keeps the VQ autoencoder; this is `vqvae.kind = "pool"`, meant for configs/cpu.toml.
 """
+
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -17,7 +18,9 @@ class PoolModel(nn.Module):
     def __init__(self, pool_size=4, embed_dim=3, in_channels=3):
         super().__init__()
         if embed_dim != in_channels:
-            raise ValueError(f"vqvae.kind = 'pool': the latent is the image, so embed_dim must be {in_channels}, got {embed_dim}")
+            raise ValueError(
+                f"vqvae.kind = 'pool': the latent is the image, so embed_dim must be {in_channels}, got {embed_dim}"
+            )
         self.downsample = pool_size
 
     def encode(self, x):

@@ -5,6 +5,7 @@ Every attention (self and cross) goes through `kernels.attention`, so the backen
 the Triton kernel, ...) is one switch: `UNet(attn_backend=...)` or `unet.set_attn_backend(...)`.
 `record_cross_attention(unet)` collects the cross-attention maps for pictures.
 """
+
 import math
 from contextlib import contextmanager
 
@@ -175,16 +176,28 @@ class UNet(nn.Module):
     every ResBlock of the levels in `attention_levels` (down and up paths) and in the middle.
     """
 
-    def __init__(self, in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2, 4, 4),
-                 num_res_blocks=2, attention_levels=(0, 1, 2), num_heads=8, context_dim=16,
-                 dropout=0.0, grad_checkpoint=False, attn_backend="auto"):
+    def __init__(
+        self,
+        in_channels=3,
+        out_channels=3,
+        model_channels=64,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        attention_levels=(0, 1, 2),
+        num_heads=8,
+        context_dim=16,
+        dropout=0.0,
+        grad_checkpoint=False,
+        attn_backend="auto",
+    ):
         super().__init__()
         # Programming invariants: encdiff/config.py gives the user the one-line error first.
         widths = [model_channels * m for m in channel_mult]
         for level in attention_levels:
             if not 0 <= level < len(channel_mult):
-                raise ValueError(f"unet.attention_levels: level {level} does not exist "
-                                 f"(channel_mult has {len(channel_mult)} levels)")
+                raise ValueError(
+                    f"unet.attention_levels: level {level} does not exist (channel_mult has {len(channel_mult)} levels)"
+                )
         for c in {widths[lvl] for lvl in attention_levels} | {widths[-1]}:
             if c % num_heads:
                 raise ValueError(f"unet.num_heads={num_heads} does not divide the attention width {c}")
@@ -209,8 +222,9 @@ class UNet(nn.Module):
                 self.input_blocks.append(Stage([ResBlock(ch, emb_dim, ch, dropout, down=True)]))
                 skip_widths.append(ch)
 
-        self.middle_block = Stage([ResBlock(ch, emb_dim, ch, dropout), transformer(ch),
-                                   ResBlock(ch, emb_dim, ch, dropout)])
+        self.middle_block = Stage(
+            [ResBlock(ch, emb_dim, ch, dropout), transformer(ch), ResBlock(ch, emb_dim, ch, dropout)]
+        )
 
         self.output_blocks = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):

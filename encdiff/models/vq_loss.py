@@ -32,6 +32,7 @@ Notes for the trainer:
   the discriminator step. Optimise `VQLoss.discriminator.parameters()` only; the LPIPS
   network is frozen (requires_grad False) and need not be checkpointed.
 """
+
 import math
 
 import torch
@@ -52,8 +53,7 @@ class NLayerDiscriminator(nn.Module):
         super().__init__()
         if in_channels < 1 or ndf < 1 or n_layers < 1:
             raise ValueError(
-                f"discriminator needs in_channels, ndf and n_layers >= 1, "
-                f"got {in_channels}, {ndf}, {n_layers}"
+                f"discriminator needs in_channels, ndf and n_layers >= 1, got {in_channels}, {ndf}, {n_layers}"
             )
         layers = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
         ch = ndf
@@ -145,8 +145,7 @@ class LPIPS(nn.Module):
             t = state[key]
             if tuple(t.shape) != tuple(ref.shape):
                 raise UserError(
-                    f"LPIPS weights file {path}: key '{key}' has shape {tuple(t.shape)}, "
-                    f"expected {tuple(ref.shape)}"
+                    f"LPIPS weights file {path}: key '{key}' has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
                 )
             if not t.is_floating_point() or not torch.isfinite(t).all():
                 raise UserError(f"LPIPS weights file {path}: key '{key}' is not finite floating point")

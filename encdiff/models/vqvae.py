@@ -4,13 +4,13 @@
 3,478,078 parameters. Stage 2 diffuses the pre-quantisation latent `encode(x)` (times a scale
 factor the trainer measures); `decode(z)` quantises it first, as LDM's decode_first_stage does.
 """
+
 import math
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
 
 
 def group_norm(channels, eps=1e-6):
@@ -76,8 +76,9 @@ class Upsample(nn.Module):
 
 
 def middle(channels, dropout):
-    return nn.Sequential(ResnetBlock(channels, channels, dropout), AttnBlock(channels),
-                         ResnetBlock(channels, channels, dropout))
+    return nn.Sequential(
+        ResnetBlock(channels, channels, dropout), AttnBlock(channels), ResnetBlock(channels, channels, dropout)
+    )
 
 
 class Encoder(nn.Module):
@@ -141,8 +142,7 @@ class VectorQuantizer(nn.Module):
     optimiser.
     """
 
-    def __init__(self, n_embed, embed_dim, beta=0.25, ema=False, ema_decay=0.99,
-                 dead_threshold=1.0, legacy_beta=False):
+    def __init__(self, n_embed, embed_dim, beta=0.25, ema=False, ema_decay=0.99, dead_threshold=1.0, legacy_beta=False):
         super().__init__()
         self.n_embed, self.embed_dim, self.beta = n_embed, embed_dim, beta
         self.ema, self.ema_decay, self.dead_threshold = ema, ema_decay, dead_threshold
@@ -192,8 +192,9 @@ class VectorQuantizer(nn.Module):
         dead = (self.ema_count < self.dead_threshold)[:, None]  # (K, 1)
         # a restarted code starts as if it had been used dead_threshold times at the new place
         self.ema_sum.copy_(torch.where(dead, candidates * self.dead_threshold, self.ema_sum))
-        self.ema_count.copy_(torch.where(dead[:, 0], torch.full_like(self.ema_count, self.dead_threshold),
-                                         self.ema_count))
+        self.ema_count.copy_(
+            torch.where(dead[:, 0], torch.full_like(self.ema_count, self.dead_threshold), self.ema_count)
+        )
         n = self.ema_count.sum()
         smoothed = (self.ema_count + 1e-5) / (n + K * 1e-5) * n  # Laplace smoothing: no division by 0
         self.codebook.weight.copy_(self.ema_sum / smoothed[:, None])
@@ -206,9 +207,23 @@ class VQModel(nn.Module):
     num_res_blocks + 1). See VectorQuantizer for the loss and the optional EMA codebook.
     """
 
-    def __init__(self, in_channels=3, ch=32, ch_mult=(1, 2, 4), enc_res_blocks=2, dec_res_blocks=3,
-                 z_channels=3, embed_dim=3, n_embed=2048, beta=0.25, dropout=0.0,
-                 ema_codebook=False, ema_decay=0.99, dead_threshold=1.0, legacy_beta=False):
+    def __init__(
+        self,
+        in_channels=3,
+        ch=32,
+        ch_mult=(1, 2, 4),
+        enc_res_blocks=2,
+        dec_res_blocks=3,
+        z_channels=3,
+        embed_dim=3,
+        n_embed=2048,
+        beta=0.25,
+        dropout=0.0,
+        ema_codebook=False,
+        ema_decay=0.99,
+        dead_threshold=1.0,
+        legacy_beta=False,
+    ):
         super().__init__()
         if ch <= 0 or not ch_mult or min(ch_mult) <= 0:
             raise ValueError(f"vqvae: ch={ch} and ch_mult={tuple(ch_mult)} must be positive")
@@ -217,8 +232,7 @@ class VQModel(nn.Module):
         self.downsample = 2 ** (len(ch_mult) - 1)
         self.encoder = Encoder(in_channels, ch, ch_mult, enc_res_blocks, z_channels, dropout)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
-        self.quantizer = VectorQuantizer(n_embed, embed_dim, beta, ema_codebook, ema_decay,
-                                         dead_threshold, legacy_beta)
+        self.quantizer = VectorQuantizer(n_embed, embed_dim, beta, ema_codebook, ema_decay, dead_threshold, legacy_beta)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.decoder = Decoder(in_channels, ch, ch_mult, dec_res_blocks, z_channels, dropout)
 
