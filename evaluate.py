@@ -11,7 +11,8 @@ The config is the checkpoint's own, then --config files, then --section.key=valu
 order; the metrics of encdiff.metrics are computed on the codes (the factor metrics on a factor grid,
 TAD on CelebA's attributes, none on an imagefolder); with eval.inception_path, the FID of DDIM
 reconstructions (encdiff/fid.py); a table is printed (with the paper's EncDiff numbers for its
-datasets) and metrics.json is written to --out (default: the checkpoint's folder), with PNG
+datasets) and metrics.json is written to --out (default: a folder beside the checkpoint named by
+step, dataset and quick/full; an earlier result is never replaced without --overwrite), with PNG
 pictures when eval.pictures is on.
 """
 
@@ -28,6 +29,7 @@ from encdiff.artifacts import load_trained
 from encdiff.config import split_args
 from encdiff.errors import UserError, exit_on_user_error
 from encdiff.evaluation import (
+    degenerate_scores,
     describe_data,
     encode_dataset,
     fid_of_samples,
@@ -51,11 +53,21 @@ class ArgumentParser(argparse.ArgumentParser):
 def parse_args(argv):
     """-> (args, config files, overrides)."""
     files, overrides, rest = split_args(argv)
-    p = ArgumentParser(prog="evaluate.py", description="Disentanglement metrics and pictures of an EncDiff checkpoint.")
+    p = ArgumentParser(
+        prog="evaluate.py",
+        description="Disentanglement metrics and pictures of an EncDiff checkpoint.",
+        epilog="Also: --config FILE (repeatable) and --section.key=value, layered on the checkpoint's own config "
+        "(e.g. --data.path=/fast/copy.h5, --eval.ddim_steps=50); the keys are listed by train.py --help.",
+    )
     p.add_argument("path", help="an EncDiff checkpoint file, or a run directory (its newest EncDiff checkpoint)")
     p.add_argument("--metrics", help="comma-separated metric names (default: eval.metrics)")
     p.add_argument("--quick", action="store_true", help="small sample counts and cheap pictures (tests, smoke runs)")
-    p.add_argument("--out", help="output folder (default: the checkpoint's folder)")
+    p.add_argument(
+        "--out",
+        help="output folder (default: eval_stepSTEP_DATASET_quick|full beside the checkpoint, one per kind of "
+        "evaluation)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the results an earlier evaluation left in --out")
     p.add_argument("--baseline", choices=["random"], help="also score a freshly initialised (untrained) encoder")
     p.add_argument(
         "--fid-samples",
@@ -66,7 +78,14 @@ def parse_args(argv):
     return p.parse_args(rest), files, overrides
 
 
-def writable_dir(path):
+def default_out_dir(trained, ds, quick):
+    """Each kind of evaluation its own folder beside the checkpoint, so none replaces another."""
+    return trained.path.parent / f"eval_step{trained.step:08d}_{ds.name}_{'quick' if quick else 'full'}"
+
+
+def writable_dir(path, overwrite):
+    if (path / "metrics.json").exists() and not overwrite:
+        raise UserError(f"{path} holds an earlier evaluation's metrics.json: choose another --out, or --overwrite")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -89,7 +108,7 @@ def main(argv=None):
     # a bad weights file fails here, before any long work
     inception = load_inception(cfg.eval.inception_path, trained.device) if cfg.eval.inception_path else None
     ds = open_eval_dataset(trained)
-    out_dir = writable_dir(Path(args.out) if args.out else trained.path.parent)
+    out_dir = writable_dir(Path(args.out) if args.out else default_out_dir(trained, ds, quick), args.overwrite)
     print(f"checkpoint: {trained.path} (step {trained.step}), device {trained.device}")
     print(describe_data(ds))
     if trained.ignored:
@@ -129,7 +148,8 @@ def main(argv=None):
         results["fid"] = fid_of_samples(trained, ds, inception, n_fid, steps, seed, cfg.eval.batch_size)
     else:
         print(HOW_TO_PROVIDE)
-    print(format_table(results, baseline, ds.name))
+    notes = degenerate_scores(results, codes)
+    print(format_table(results, baseline, ds.name, notes))
     if quick:
         print("note: --quick uses small sample counts: the numbers are noisy")
 
@@ -150,6 +170,7 @@ def main(argv=None):
         "quick": quick,
         "checkpoint": str(trained.path),
         "baseline": None if baseline is None else {"encoder": "random", "seed": seed, **baseline},
+        "degenerate": notes,
     }
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(record, indent=2) + "\n")

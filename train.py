@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from encdiff import artifacts, dist, pictures, runtime
 from encdiff import checkpoint as ckpt
-from encdiff.config import check_resumable, from_toml_text, parse_args, to_toml
+from encdiff.config import check_resumable, from_toml_text, help_text, parse_args, to_toml
 from encdiff.data import ensure_synth3d, load_all, open_dataset
 from encdiff.errors import UserError, exit_on_user_error
 from encdiff.models.encdiff import count_params
-from encdiff.steps import EncDiffStep, VQStep, Window, lr_factor
+from encdiff.steps import EncDiffStep, VQStep, Window, attention_refusal, lr_factor, seconds_per_image
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,11 +47,11 @@ def check_output_dir(out_dir):
         raise UserError(f"run.out_dir: cannot write to {out_dir} ({e.strerror})") from None
 
 
-def open_data(cfg, d):
+def open_data(cfg, d, stop):
     """Open (generating the bundled set on first use) and load the dataset as a uint8 tensor."""
-    if cfg.data.name == "synth3d" and not Path(cfg.data.path).exists():
+    if cfg.data.name == "synth3d":  # generated when missing; when there, its grid must be data.grid
         if d.local_rank == 0:  # once per node (the write is atomic, so a shared disk is fine too)
-            ensure_synth3d(cfg.data.path, cfg.data.grid)
+            ensure_synth3d(cfg.data.path, cfg.data.grid, stop=stop.check)
         dist.barrier()
     ds = open_dataset(cfg.data.name, cfg.data.path)
     h, w, c = ds.images.shape[1:]
@@ -61,6 +61,43 @@ def open_data(cfg, d):
     if d.device.type == "cuda" and cfg.data.on_device:
         images = images.to(d.device)  # resident: no data loader in the step
     return ds, images
+
+
+PLAN_MIN_STEPS = 1000  # shorter runs start at once: timing them would cost more than it tells
+
+
+def stages_to_train(cfg):
+    """The stages this command trains, with their step counts (what a finished stage skips is not known yet)."""
+    stages = [s for s in cfg.run.stages if not (s == "vqvae" and (cfg.vqvae.ckpt or cfg.vqvae.kind == "pool"))]
+    return {s: getattr(cfg, s).steps for s in stages}
+
+
+def announce_plan(cfg, d):
+    """Say what the run will do and, on a CPU, about how long from a few timed steps (before any long
+    work); a run that would take longer than run.max_hours there stops with the reason."""
+    todo = stages_to_train(cfg)
+    what = ", ".join(f"{s} {n:,} steps at batch {getattr(cfg, s).batch_size}" for s, n in todo.items())
+    dist.print0(f"plan: {what or 'nothing to train'} on {d.world_size} x {d.device.type}")
+    if d.device.type != "cpu" or sum(todo.values()) < PLAN_MIN_STEPS:
+        return
+    hours = sum(seconds_per_image(s, cfg, d) * n * getattr(cfg, s).batch_size / d.world_size for s, n in todo.items())
+    hours /= 3600
+    dist.print0(f"plan: about {hours:.1f} hours on this CPU ({torch.get_num_threads()} threads; from timed steps)")
+    if cfg.run.max_hours and hours > cfg.run.max_hours:
+        raise UserError(
+            f"this run would take about {hours:,.0f} hours on this CPU (run.max_hours = "
+            f"{cfg.run.max_hours:g}); config.toml is the GPU recipe: for a CPU add --config configs/cpu.toml "
+            f"(about 30 minutes), or raise run.max_hours to run it anyway"
+        )
+
+
+def write_resolved_config(cfg, out_dir, stage_dir):
+    """The config a stage trains with, beside its checkpoints and at the top of the run: written
+    only once it really starts (after the data and the resume checks), so a rejected command
+    leaves the run directory as it was, and a resumed run matches it in every key it fixes."""
+    text = to_toml(cfg)
+    (stage_dir / "config.toml").write_text(text)
+    (out_dir / "config.toml").write_text(text)
 
 
 def peak_memory_mb(device):
@@ -105,9 +142,17 @@ class Halt(Exception):
     """Training cannot go on (non-finite losses, a checkpoint that cannot be written)."""
 
 
+class Stopped(Exception):
+    """A stop signal arrived before training started (data generation, latent caching)."""
+
+
 class StopSignal:
-    """SIGTERM/SIGINT (and any configured signal) ask the run to finish its step, write a
-    checkpoint and exit 0, so a preempted job resumes where it stopped. A second signal interrupts."""
+    """SIGTERM/SIGINT (and any configured signal) ask the run to stop: during training it finishes
+    its step, writes a checkpoint and exits with 128 + the signal's number (130 after Ctrl-C, 143
+    after SIGTERM), so that a preempted job resumes where it stopped and `train.py && evaluate.py`
+    evaluates only a finished run. Installed first, so the long work before the first step
+    (generating the data, caching latents) polls check() and stops at once too. A second signal
+    interrupts."""
 
     def __init__(self, names):
         self.received = None
@@ -118,6 +163,15 @@ class StopSignal:
         if self.received is not None:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
+
+    def check(self):
+        if self.received is not None:
+            raise Stopped(self.received)
+
+    @property
+    def exit_code(self):
+        # a rank stopped by another rank's signal says SIGTERM's
+        return 128 + getattr(signal, self.received or "SIGTERM")
 
 
 class StopVote:
@@ -230,7 +284,7 @@ def train_vqvae(cfg, d, images, out_dir, vote):
     stage_dir.mkdir(parents=True, exist_ok=True)
     if v.kind == "pool":  # fixed: nothing to learn, one checkpoint so that stage 2 finds it as usual
         if d.is_main and ckpt.latest_good_checkpoint(stage_dir) is None:
-            (stage_dir / "config.toml").write_text(to_toml(cfg))
+            write_resolved_config(cfg, out_dir, stage_dir)
             artifacts.save_fixed_vq(stage_dir / ckpt.checkpoint_name(v.steps), v.steps, cfg)
         dist.print0(f"vqvae: kind 'pool' ({v.pool_size}x{v.pool_size} average pooling) has nothing to train")
         dist.barrier()
@@ -249,7 +303,7 @@ def train_vqvae(cfg, d, images, out_dir, vote):
     )
     if d.is_main:
         check_disk_space(stage_dir, [st.model] + ([st.disc] if st.disc is not None else []), copies=3)
-        (stage_dir / "config.toml").write_text(to_toml(cfg))
+        write_resolved_config(cfg, out_dir, stage_dir)
     reseed(r.seed, d.rank, start)
     st.prepare(start)
 
@@ -301,9 +355,9 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
     )
     if d.is_main:
         check_disk_space(stage_dir, [st.model, vq], copies=4)
-        (stage_dir / "config.toml").write_text(to_toml(cfg))
+        write_resolved_config(cfg, out_dir, stage_dir)
     reseed(r.seed, d.rank, start)
-    st.prepare(start)
+    st.prepare(start, stop=vote.stop.check)
 
     def save(step, final=False):
         if d.is_main:
@@ -342,21 +396,40 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
 
 
 def main(argv=None):
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)  # every config mistake stops here
+    """-> the exit status: 0 when every stage finished, 128 + signal number when a signal stopped it."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # say what to give rather than start the GPU recipe
+        raise UserError(
+            "no config given: python train.py --config config.toml (a GPU), add --config "
+            "configs/cpu.toml on a CPU; --help lists every key"
+        )
+    if "-h" in argv or "--help" in argv:
+        print(help_text(__doc__))
+        return 0
+    cfg = parse_args(argv)  # every config mistake stops here
+    stop = StopSignal(cfg.run.stop_signals)
     d = dist.setup(cfg.run.device, cfg.run.init_timeout)
     for name in ("vqvae", "encdiff"):
         if getattr(cfg, name).batch_size % d.world_size:
             raise UserError(
                 f"{name}.batch_size = {getattr(cfg, name).batch_size} is not divisible by the world size {d.world_size}"
             )
+    refusal = attention_refusal(cfg, d.device)
+    if refusal is not None:
+        raise UserError(f"perf.attention = {cfg.perf.attention!r} cannot run here: {refusal} (use 'auto')")
+    if d.device.type == "cpu" and cfg.perf.precision in ("bf16", "fp16"):
+        dist.print0(
+            f"note: perf.precision = {cfg.perf.precision!r} on the CPU emulates what a GPU does in hardware "
+            f"and runs far slower than fp32 ('auto' picks fp32 here)"
+        )
     runtime.set_tf32(d.device, cfg.perf.tf32)
+    announce_plan(cfg, d)
     out_dir = Path(cfg.run.out_dir)
     if d.is_main:
         check_output_dir(out_dir)
-        (out_dir / "config.toml").write_text(to_toml(cfg))
     if cfg.vqvae.ckpt and not Path(cfg.vqvae.ckpt).is_file():
         raise UserError(f"vqvae.ckpt: file not found: {cfg.vqvae.ckpt}")
-    ds, images = open_data(cfg, d)
+    ds, images = open_data(cfg, d, stop)
     dist.print0(
         f"data: {cfg.data.name} {cfg.data.path}, {len(images):,} images, world size {d.world_size}, device {d.device}"
     )
@@ -366,7 +439,7 @@ def main(argv=None):
                 f"{name}.batch_size = {getattr(cfg, name).batch_size} is larger than the dataset ({len(images)} images)"
             )
 
-    vote = StopVote(StopSignal(cfg.run.stop_signals), d)
+    vote = StopVote(stop, d)
     stopped = False
     if "vqvae" in cfg.run.stages and not cfg.vqvae.ckpt:
         stopped = train_vqvae(cfg, d, images, out_dir, vote)
@@ -374,14 +447,21 @@ def main(argv=None):
         stopped = train_encdiff(cfg, d, images, out_dir, vote, getattr(ds, "factor_sizes", None))
     dist.print0(f"{'stopped' if stopped else 'done'}: {out_dir}")
     dist.cleanup()
+    return stop.exit_code if stopped else 0
 
 
 def run():
     try:
-        exit_on_user_error(main)
+        code = exit_on_user_error(main)
     except Halt as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Stopped as e:
+        print(
+            f"stopped by {e} before training started; nothing was written that a rerun would not redo", file=sys.stderr
+        )
+        sys.exit(128 + getattr(signal, str(e)))
+    sys.exit(code)
 
 
 if __name__ == "__main__":

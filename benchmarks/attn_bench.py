@@ -288,7 +288,7 @@ def main():
     ap.add_argument(
         "--shape", action="append", default=[], help="B,Lq,Lk,heads,d (repeatable); replaces the U-Net sites"
     )
-    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of q, k, v (default bf16)")
     ap.add_argument(
         "--layout",
         choices=("fused", "separate"),

@@ -46,6 +46,7 @@ class RunConfig:
     stop_check_every: int = 10  # steps between the ranks' agreement on a stop signal (a host sync)
     max_nonfinite: int = 20  # non-finite steps in a row (skipped) before training stops
     init_timeout: float = 300.0  # seconds for the ranks to connect; then a rank exits (torchrun can restart)
+    max_hours: float = 24.0  # CPU: refuse a run that timed steps say takes longer (0: no limit)
 
 
 @dataclass
@@ -287,6 +288,20 @@ def build_config(files=(), overrides=(), base=None):
     return cfg
 
 
+def help_text(usage):
+    """`usage`, then every table with its keys and defaults (as --section.key=value takes them)."""
+    lines = [
+        usage.rstrip(),
+        "",
+        "Config keys (defaults; every key is explained in config.toml, the method in README.md):",
+    ]
+    for table in dataclasses.fields(Config):
+        lines.append(f"  [{table.name}]")
+        for f in dataclasses.fields(table.type):
+            lines.append(f"    {table.name}.{f.name} = {_toml_value(getattr(getattr(Config(), table.name), f.name))}")
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     """Config from `--config FILE ... --section.key=value ...`; anything else is an error."""
     files, overrides, rest = split_args(argv)
@@ -325,6 +340,7 @@ def validate(cfg, sources=None):
         "run.stop_signals",
         f"must be among SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP; got {r.stop_signals}",
     )
+    _check(r.max_hours >= 0, "run.max_hours", f"must be >= 0 (0: no limit); got {r.max_hours}")
     for k in ("stop_check_every", "max_nonfinite", "init_timeout"):
         _check(getattr(r, k) > 0, f"run.{k}", f"must be positive; got {getattr(r, k)}")
     for k in ("log_every", "ckpt_every", "keep_last", "image_every"):
@@ -497,6 +513,7 @@ FREE_KEYS = {
         "stop_check_every",
         "max_nonfinite",
         "init_timeout",
+        "max_hours",
     ),
     "data": ("path", "on_device"),
     "vqvae": ("steps", "ckpt"),

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from encdiff.errors import UserError
+
 
 @dataclass
 class Dist:
@@ -74,6 +76,13 @@ def setup(device="auto", init_timeout=300.0):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("run.device = 'cuda' but CUDA is not available here (use --run.device=cpu or 'auto')")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise UserError(
+            f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs here: "
+            f"--nproc_per_node must not exceed the GPUs of a node"
+        )
     if use_cuda:
         # set the device before init so NCCL binds each rank to its own GPU
         torch.cuda.set_device(local_rank)

@@ -14,6 +14,7 @@ notebooks can reuse them.
 import json
 import math
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -102,6 +103,11 @@ def open_eval_dataset(trained):
     need a complete factor grid in row-major order. Photo datasets (celeba, imagefolder) have no
     grid: see score_codes."""
     cfg, stored = trained.cfg, trained.stored
+    if cfg.data.name == "synth3d" and not Path(cfg.data.path).exists():
+        raise UserError(
+            f"{cfg.data.path}: no such file; recreate the data this run trained on: python -m "
+            f"encdiff.data.synth --out {cfg.data.path} --grid {cfg.data.grid}"
+        )
     ds = open_dataset(cfg.data.name, cfg.data.path)
     if tuple(ds.images.shape[1:]) != IMAGE_SHAPE:
         raise UserError(
@@ -211,9 +217,26 @@ def _fmt(v):
     return str(v) if isinstance(v, int) else f"{v:.3f}"
 
 
-def format_table(results, baseline, dataset_name):
+ACTIVE_STD = 0.05  # FactorVAE's threshold: a code varying less than this over the data counts as unused
+
+
+def degenerate_scores(results, codes):
+    """{metric: why its numbers say nothing about disentanglement} for scores that are degenerate by
+    construction (a collapsed or untrained encoder): shown beside them in the table."""
+    notes = {}
+    if codes is not None and len(codes) and float(np.max(np.std(codes, axis=0))) < ACTIVE_STD:
+        why = f"no code varies (every std < {ACTIVE_STD}): a collapsed or barely trained encoder"
+        return {name: why for name in results if name not in ("fid",)}
+    if results.get("factor_vae", {}).get("num_active_dims") == 0:
+        notes["factor_vae"] = f"0 active codes (std >= {ACTIVE_STD}): the score is 0 by definition"
+    return notes
+
+
+def format_table(results, baseline, dataset_name, notes=None):
     """One row per score: ours, the random-encoder floor (when given) and the paper's EncDiff value
-    (the paper's datasets; synth3d shows Shapes3D's, labelled as a reference only)."""
+    (the paper's datasets; synth3d shows Shapes3D's, labelled as a reference only); a metric in
+    `notes` (degenerate_scores) is marked, with the reason under the table."""
+    notes = notes or {}
     paper_key = "shapes3d" if dataset_name == "synth3d" else dataset_name
     paper_name, paper = PAPER_ENCDIFF.get(paper_key, (None, {}))
     header = ["metric", "ours"]
@@ -228,7 +251,7 @@ def format_table(results, baseline, dataset_name):
     rows = []
     for name, scores in results.items():
         for key, value in scores.items():
-            row = [f"{name}.{key}", _fmt(value)]
+            row = [f"{name}.{key}" + (" (!)" if name in notes else ""), _fmt(value)]
             if baseline is not None:
                 row.append(_fmt(baseline.get(name, {}).get(key)))
             if paper:
@@ -239,4 +262,5 @@ def format_table(results, baseline, dataset_name):
     def line(cells):
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+    table = [line(header), "  ".join("-" * w for w in widths), *map(line, rows)]
+    return "\n".join(table + [f"(!) {name}: {why}" for name, why in notes.items()])

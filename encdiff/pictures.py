@@ -101,12 +101,28 @@ def attention_maps(trained, tokens, steps, x_T):
     return mean.transpose(1, 2).reshape(mean.shape[0], -1, side, side)  # (B, HW, N) -> (B, N, h, w)
 
 
+def hot(heat):
+    """The 'hot' colour map: heat (...) in [0, 1] -> (..., 3) float in [0, 255]."""
+    h = heat[..., None]
+    return np.concatenate([np.clip(3 * h, 0, 1), np.clip(3 * h - 1, 0, 1), np.clip(3 * h - 2, 0, 1)], -1) * 255
+
+
 def heat_overlay(image, heat):
     """Image (H, W, 3) uint8 in grey under a 'hot' colour map of heat (H, W) in [0, 1] -> uint8."""
     grey = image.astype(np.float32).mean(-1, keepdims=True)  # (H, W, 1)
-    h = heat[..., None]  # (H, W, 1)
-    hot = np.concatenate([np.clip(3 * h, 0, 1), np.clip(3 * h - 1, 0, 1), np.clip(3 * h - 2, 0, 1)], -1) * 255
-    return (0.35 * grey + 0.65 * hot).round().astype(np.uint8)
+    return (0.35 * grey + 0.65 * hot(heat)).round().astype(np.uint8)
+
+
+def colour_scale(low, high, size=IMAGE_SHAPE[0]):
+    """A (size, size, 3) uint8 cell: the overlay's colour bar (the same grey-blended 'hot' map as a
+    mid-grey image gets) from `high` at the top to `low` at the bottom, both values written beside it."""
+    ramp = np.linspace(1, 0, size, dtype=np.float32)[:, None].repeat(12, 1)  # (size, 12), top = high
+    cell = Image.new("RGB", (size, size), "white")
+    cell.paste(Image.fromarray((0.35 * 128 + 0.65 * hot(ramp)).round().astype(np.uint8)), (2, 0))
+    draw, font = ImageDraw.Draw(cell), ImageFont.load_default()
+    draw.text((17, 0), f"{high:.3f}", fill="black", font=font)
+    draw.text((17, size - 12), f"{low:.3f}", fill="black", font=font)
+    return np.asarray(cell)
 
 
 def labelled_grid(images, ncol, row_labels=(), col_labels=(), pad=2):
@@ -177,8 +193,9 @@ def save_swaps(trained, xa, xb, path, steps, seed):
 def save_attention(trained, x, path, steps, seed):
     """Per image: the input | one map per token, the cross-attention at the highest attended
     resolution averaged over heads, layers and DDIM steps, over the image (the paper's Figure 1).
-    Maps share one scale per image (its smallest to its largest value over all tokens), so a
-    token's map shows where it is attended and how strongly compared with the other tokens."""
+    Maps share one scale per image (its smallest to its largest value over all tokens, drawn in the
+    last column), so a token's map shows where it is attended and how strongly compared with the
+    other tokens; a weight of 1/N everywhere would be no preference at all."""
     with trained.amp:
         _, tokens = trained.encoder(x)
     maps = attention_maps(trained, tokens, steps, fixed_noise(trained, x.shape[0], seed))  # (B, N, h, w)
@@ -190,8 +207,9 @@ def save_attention(trained, x, path, steps, seed):
     for b in range(x.shape[0]):
         cells.append(inputs[b])
         cells.extend(heat_overlay(inputs[b], m) for m in maps[b])
-    ncol = maps.shape[1] + 1
-    save_png(labelled_grid(np.stack(cells), ncol, col_labels=["input", *(f"s{i}" for i in range(maps.shape[1]))]), path)
+        cells.append(colour_scale(float(low[b]), float(high[b])))
+    labels = ["input", *(f"s{i}" for i in range(maps.shape[1])), "scale"]
+    save_png(labelled_grid(np.stack(cells), len(labels), col_labels=labels), path)
 
 
 @torch.no_grad()

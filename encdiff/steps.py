@@ -16,6 +16,7 @@ bookkeeping) is recorded once in a CUDA graph and replayed (perf.cuda_graph); wh
 possible the reason is printed and the same update runs eagerly.
 """
 
+import copy
 import inspect
 import math
 import os
@@ -25,6 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import kernels
 from encdiff import dist, runtime
 from encdiff.images import uint8_to_model
 from encdiff.models.encdiff import EncDiff, build_diffusion, build_encoder, build_unet, build_vq
@@ -177,6 +179,26 @@ class Window:
         self.streak = (self.streak + 1) * bad
         self.steps += 1
         self.images += images
+
+
+def attention_refusal(cfg, device):
+    """Why perf.attention cannot run the U-Net's attention on this device, or None: asked with
+    tensors of its widest attended level before any work ("triton" serves cross-attention only)."""
+    e, backend = cfg.encdiff, cfg.perf.attention
+    if backend == "auto":
+        return None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        runtime.precision(cfg.perf.precision, device), torch.float32
+    )
+    width = e.model_channels * max(e.channel_mult[level] for level in [*e.attention_levels, len(e.channel_mult) - 1])
+    keys = [e.num_tokens] if backend == "triton" else [e.num_tokens, 256]  # cross; self-attention at 16x16
+    for n in keys:
+        q = torch.zeros(1, 4, width, device=device, dtype=dtype)  # (B, Lq, C)
+        k = torch.zeros(1, n, width, device=device, dtype=dtype)  # (B, Lk, C)
+        reason = kernels.available_backends(q, k, k, e.num_heads)[backend]
+        if reason is not None:
+            return reason
+    return None
 
 
 def lr_factor(step, warmup):
@@ -442,14 +464,16 @@ class VQStep(Step):
 
 
 @torch.no_grad()
-def encode_latents(vq, images, d, amp, batch=LATENT_BATCH):
+def encode_latents(vq, images, d, amp, batch=LATENT_BATCH, stop=None, progress=True):
     """Pre-quantisation latents of the whole dataset, computed once: each rank encodes a slice,
-    then all ranks gather the full (N, C, h, w) tensor."""
+    then all ranks gather the full (N, C, h, w) tensor. stop() is called between batches."""
     n = len(images)
     per_rank = math.ceil(n / d.world_size)
     lo, hi = d.rank * per_rank, min(n, (d.rank + 1) * per_rank)
     chunks = []
-    for s in tqdm(range(lo, hi, batch), desc="latents", disable=not d.is_main, dynamic_ncols=True):
+    for s in tqdm(range(lo, hi, batch), desc="latents", disable=not (d.is_main and progress), dynamic_ncols=True):
+        if stop is not None:
+            stop()
         x = uint8_to_model(images[s : min(hi, s + batch)].to(d.device, non_blocking=True))  # (b, 3, 64, 64)
         with amp:
             chunks.append(vq.encode(x).float())
@@ -507,15 +531,16 @@ class EncDiffStep(Step):
     def mutable_tensors(self):
         return super().mutable_tensors() + self.ema.avg
 
-    def prepare(self, start):
-        """Latents (cached: encoded once), the latent scale (measured on the first global batch
-        unless resumed), DDP, compile, the CUDA graph."""
+    def prepare(self, start, stop=None, verbose=True):
+        """Latents (cached: encoded once, stop() polled meanwhile), the latent scale (measured on
+        the first global batch unless resumed), DDP, compile, the CUDA graph."""
         if self.cfg.perf.cache_latents:
-            self.latents = encode_latents(self.vq, self.images, self.d, self.amp)
+            self.latents = encode_latents(self.vq, self.images, self.d, self.amp, stop=stop, progress=verbose)
         if self.scale is None:
             # 1/std of the latent, measured once on the first global batch (as LDM does) and stored
             self.scale = 1.0 / self.latents_of(self.order.global_indices(0)).std()
-            dist.print0(f"encdiff: latent scale factor {self.scale.item():.4f}")
+            if verbose:
+                dist.print0(f"encdiff: latent scale factor {self.scale.item():.4f}")
         ddp = wrap_ddp(self.model, self.d, static_graph=True, gradient_as_bucket_view=True, **NO_BUFFER_SYNC)
         self.forward = compile_model(ddp, self.cfg.perf.compile)
         self.capture(start, graph_refusal(self.cfg, self.d, self.images, self.fused), "encdiff")
@@ -560,3 +585,30 @@ class EncDiffStep(Step):
         self.guard.update()
         self.ema.apply()
         return loss.detach(), grad_norm, x
+
+
+def seconds_per_image(stage, cfg, d, batch=8, steps=2):
+    """How long `stage` takes per trained image under cfg on d's device: `steps` eager updates on
+    random images at a small batch, after one warm-up (compile and CUDA graph off: their first
+    step is their own cost). For a plan before any long work, not a benchmark."""
+    cfg = copy.deepcopy(cfg)
+    cfg.perf.compile, cfg.perf.cuda_graph = "off", False
+    section = getattr(cfg, stage)
+    section.batch_size = batch * d.world_size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(
+        0, 256, (2 * section.batch_size, 64, 64, 3), dtype=torch.uint8, generator=g
+    )  # (N, 64, 64, 3)
+    with torch.random.fork_rng(devices=[]):
+        if stage == "vqvae":
+            st = VQStep(cfg, d, images)
+        else:
+            vq = build_vq(cfg.vqvae).to(d.device).eval().requires_grad_(False)
+            st = EncDiffStep(cfg, d, images, vq)
+        st.prepare(0, verbose=False) if stage == "encdiff" else st.prepare(0)
+        st(0)
+        t0 = time.perf_counter()
+        for i in range(1, steps + 1):
+            out = st(i)
+        out[0].item()  # the device has finished
+    return (time.perf_counter() - t0) / (steps * batch)

@@ -254,7 +254,7 @@ def test_evaluate_end_to_end(run, tmp_path, capsys):
     printed = capsys.readouterr().out
     record = json.loads((out / "metrics.json").read_text())
     names = metric_names()
-    assert set(record) == {*names, "data", "step", "seed", "quick", "checkpoint", "baseline"}
+    assert set(record) == {*names, "data", "step", "seed", "quick", "checkpoint", "baseline", "degenerate"}
     for name in names:
         assert record[name] and all(isinstance(v, (int, float)) for v in record[name].values())
         assert all(f"{name}.{key}" in printed for key in record[name])
@@ -269,13 +269,44 @@ def test_evaluate_end_to_end(run, tmp_path, capsys):
         "reconstructions": (shown, 3),
         "traversal": (values, n),
         "swap": (n + 3, shown),
-        "attention": (n + 1, shown),
+        "attention": (n + 2, shown),  # input, the tokens, the colour scale
     }
     for name, (cols, rows) in cells.items():
         w, h = png_size(out / f"{name}.png")
         scale = 2 if name == "reconstructions" else 1
         assert cols * 64 * scale <= w <= (cols * 66 + 150) * scale, name
         assert rows * 64 * scale <= h <= (rows * 66 + 30) * scale, name
+
+
+def test_a_degenerate_score_is_marked_with_its_reason():
+    from encdiff.evaluation import degenerate_scores
+
+    results = {"factor_vae": {"eval_accuracy": 0.0, "num_active_dims": 0}, "dci": {"disentanglement": 0.0}}
+    flat = np.full((24, 4), 0.3) + 1e-4 * np.random.RandomState(0).randn(24, 4)
+    notes = degenerate_scores(results, flat)
+    assert set(notes) == {"factor_vae", "dci"} and "no code varies" in notes["dci"]
+    table = format_table(results, None, "h5", notes)
+    assert "factor_vae.eval_accuracy (!)" in table and table.splitlines()[-1].startswith("(!) dci: no code varies")
+    varied = np.random.RandomState(0).randn(24, 4)
+    assert degenerate_scores(results, varied) == {
+        "factor_vae": "0 active codes (std >= 0.05): the score is 0 by definition"
+    }
+    assert degenerate_scores({"dci": {"disentanglement": 0.4}}, varied) == {}
+
+
+def test_each_kind_of_evaluation_has_its_own_folder_and_none_is_replaced(run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run["run_dir"], run_dir)
+    common = [str(run_dir), f"--data.path={run['data']}", "--eval.pictures=false", "--metrics", "mig"]
+    evaluate.main([*common, "--quick"])
+    evaluate.main(common)  # the full evaluation beside the quick one
+    folders = sorted(p.name for p in (run_dir / "encdiff").glob("eval_*"))
+    assert folders == ["eval_step00000008_h5_full", "eval_step00000008_h5_quick"]
+    quick = run_dir / "encdiff" / folders[1] / "metrics.json"
+    before = quick.read_text()
+    with pytest.raises(UserError, match="earlier evaluation's metrics.json"):
+        evaluate.main([*common, "--quick"])
+    assert quick.read_text() == before
 
 
 def test_evaluate_random_baseline(run, tmp_path, capsys):
@@ -295,6 +326,7 @@ def test_evaluate_random_baseline(run, tmp_path, capsys):
             "--eval.pictures=false",
             "--baseline",
             "random",
+            "--overwrite",
         ]
     )
     with_floor = json.loads((out / "metrics.json").read_text())
@@ -322,6 +354,7 @@ def cli_errors(run):
         "corrupt checkpoint": ([corrupt], "corrupt checkpoint"),
         "factor sizes": ([synth], "factor sizes (2, 3, 4) do not match"),
         "unknown metric": ([run["ckpt"], "--metrics", "factor_vae,dcii"], "unknown metric 'dcii'"),
+        "missing data": ([synth, f"--data.path={root / 'gone.h5'}"], "encdiff.data.synth --out"),
     }
     procs = {}
     for case, (args, _) in cases.items():
@@ -335,13 +368,17 @@ def cli_errors(run):
     return results
 
 
-@pytest.mark.parametrize("case", ["missing checkpoint", "corrupt checkpoint", "factor sizes", "unknown metric"])
+@pytest.mark.parametrize(
+    "case", ["missing checkpoint", "corrupt checkpoint", "factor sizes", "unknown metric", "missing data"]
+)
 def test_bad_input_is_one_line_and_exit_2(cli_errors, case):
     returncode, stderr, message, out = cli_errors[case]
     assert returncode == 2, stderr
     assert stderr.count("\n") == 1 and stderr.startswith("error: "), stderr
     assert message in stderr
     assert not (out / "metrics.json").exists()
+    if case == "missing data":  # the command that recreates what the run trained on: its grid
+        assert stderr.strip().endswith("--grid small")
 
 
 def test_dataset_whose_images_do_not_fill_its_factor_grid_is_refused(run, tmp_path):

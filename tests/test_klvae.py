@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import evaluate
 from encdiff.config import build_config
+from encdiff.errors import UserError
 from encdiff.images import uint8_to_model
 from encdiff.models.encdiff import build_vq
 from encdiff.models.klvae import KLModel
@@ -219,7 +220,9 @@ def test_evaluate_scores_tad_on_celeba_and_fid_from_the_users_weights(kl_run, ca
     assert "FID skipped" in printed and "--eval.inception_path" in printed and "factor_vae" not in printed
 
     weights = random_inception_file(kl_run["root"] / "inception.safetensors")
-    evaluate.main([*common, f"--eval.inception_path={weights}", "--fid-samples", "2"])
+    with pytest.raises(UserError, match="earlier evaluation"):  # never over an earlier result unasked
+        evaluate.main([*common, f"--eval.inception_path={weights}", "--fid-samples", "2"])
+    evaluate.main([*common, f"--eval.inception_path={weights}", "--fid-samples", "2", "--overwrite"])
     record = json.loads((out / "metrics.json").read_text())
     assert record["fid"]["num_samples"] == 2 and record["fid"]["fid"] > 0 and np.isfinite(record["fid"]["fid"])
     assert "fid.fid" in capsys.readouterr().out

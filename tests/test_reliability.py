@@ -113,7 +113,7 @@ def test_sigterm_then_resume_is_bitwise_equal(tmp_path, tiny_data, straight_run)
     time.sleep(random.uniform(0, 1.0))  # a random step
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]  # not 0: `train.py && evaluate.py` stops
     assert "stopped by SIGTERM" in stdout
     stopped_at = ckpt_steps(out, "encdiff")[-1]
     assert stopped_at < 40
@@ -131,10 +131,45 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, tiny_data):
     workers = workers_of(proc.pid)
     os.kill(workers[1], signal.SIGTERM)  # only rank 1 hears it; rank 0 must stop at the same step
     stdout, stderr = proc.communicate(timeout=180)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "stopped by" in stdout and ckpt_steps(out, "encdiff")[-1] < 40
+    assert proc.returncode != 0, stderr[-3000:]  # the workers exit 143: torchrun reports the job as stopped
+    assert "exitcode  : 143" in stderr and "stopped by" in stdout and ckpt_steps(out, "encdiff")[-1] < 40
     r = run_train(out, tiny_data, *LONG, nproc=2)
     assert ckpt_steps(out, "encdiff")[-1] == 40, r.stdout[-2000:]
+
+
+def test_a_signal_to_torchrun_ends_the_job_without_a_restart(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    proc = start(train_cmd(out, tiny_data, *LONG, nproc=2, restarts=2))
+    wait_for_log_step(out, "encdiff", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and stdout.count("stopped by") == 1, stderr[-3000:]
+    assert "Restarting" not in stderr and ckpt_steps(out, "encdiff")[-1] < 40
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_data_is_generated_stops_it_and_leaves_no_file(tmp_path, sig):
+    data = tmp_path / "data" / "synth3d.h5"
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *TINY,
+        f"--run.out_dir={tmp_path / 'run'}",
+        f"--data.path={data}",
+        "--data.grid=full",
+    ]
+    proc = start(cmd)
+    t0 = time.time()
+    while not list(data.parent.glob(".synth3d.h5.tmp-*")):  # the images are being written
+        assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    t0 = time.time()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.time() - t0 < 15, "the generation did not stop at once"
+    assert proc.returncode == 128 + sig, stderr[-2000:]
+    assert f"stopped by {signal.Signals(sig).name} before training started" in stderr
+    assert list(data.parent.iterdir()) == [] and not (tmp_path / "run" / "config.toml").exists()
 
 
 def test_a_rank_whose_init_hangs_exits_for_torchrun_to_restart():

@@ -166,7 +166,7 @@ def test_cli_rejects_unknown_grid(tmp_path):
 def test_ensure_synth3d_generates_once_and_atomically(tmp_path, monkeypatch, small):
     calls = []
 
-    def fake_generate(out, grid, progress):
+    def fake_generate(out, grid, progress, stop):
         calls.append(grid)
         Path(out).write_bytes(Path(small).read_bytes())
 
@@ -181,7 +181,7 @@ def test_ensure_synth3d_generates_once_and_atomically(tmp_path, monkeypatch, sma
 
 
 def test_ensure_synth3d_leaves_nothing_when_interrupted(tmp_path, monkeypatch):
-    def interrupted(out, grid, progress):
+    def interrupted(out, grid, progress, stop):
         Path(out).write_bytes(b"partial")
         raise KeyboardInterrupt
 

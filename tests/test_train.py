@@ -187,3 +187,55 @@ def test_compile_path_trains(tmp_path, tiny_data):
     out = tmp_path / "run"
     run_train(out, tiny_data, "--vqvae.steps=2", "--encdiff.steps=2", "--run.log_every=1", "--perf.compile=default")
     assert ckpt.list_checkpoints(out / "encdiff")[-1].name == ckpt.checkpoint_name(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# a user's first hour: every mistake one early line, nothing a user made changed
+
+
+def test_help_lists_every_table_and_no_arguments_says_what_to_give():
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "torchrun --nproc_per_node=8" in r.stdout
+    assert all(f"  [{t}]" in r.stdout for t in ("run", "data", "vqvae", "encdiff", "perf", "eval"))
+    assert "encdiff.prediction = " in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "train.py")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error: no config given") and "configs/cpu.toml" in r.stderr
+
+
+def test_a_rejected_command_leaves_the_run_directory_as_it_was(tmp_path, tiny_data):
+    out = tmp_path / "run"
+    run_train(out, tiny_data, "--run.stages=vqvae")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for args in (
+        [f"--data.path={tmp_path / 'nope.h5'}"],  # missing data
+        ["--vqvae.lr=1e-2"],  # resuming stage 1 with another value of a key it fixes
+        ["--run.resume=never"],
+        ["--encdiff.prediction=x0", "--run.seed=5"],
+    ):
+        r = run_train(out, tiny_data, *args, check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr[-2000:])
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--run.device=cuda"], "CUDA is not available here"),
+        (["--perf.attention=xformers"], "perf.attention = 'xformers' cannot run here: xformers"),
+        (["--data.name=synth3d", "--data.grid=small", "--data.path={full}"], "holds the 'full' synth3d grid"),
+        (["--data.path={dir}"], "is a directory"),
+        (["--encdiff.steps=100000", "--run.max_hours=0.001"], "add --config configs/cpu.toml"),  # timed steps
+    ],
+)
+def test_each_mistake_is_one_early_line(tmp_path, tiny_data, args, message):
+    full = tmp_path / "full.h5"
+    if any("{full}" in a for a in args):
+        import h5py
+
+        with h5py.File(full, "w") as f:  # a synth3d file of the other grid (only its attribute is read)
+            f.attrs["grid"] = "full"
+    args = [a.format(full=full, dir=tmp_path) for a in args]
+    r = run_train(tmp_path / "run", tiny_data, *args, check=False)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+    assert message in r.stderr

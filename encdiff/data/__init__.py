@@ -15,12 +15,13 @@ from encdiff.data.folders import PhotoDataset
 from encdiff.data.formats import DATASETS, FACTORS, open_dataset
 
 
-def ensure_synth3d(path, grid="full", progress=True):
-    """Generate the bundled synth3d file at `path` if it is missing (see encdiff.data.synth)."""
+def ensure_synth3d(path, grid="full", progress=True, stop=None):
+    """Generate the bundled synth3d file at `path` if it is missing, else check its grid (see
+    encdiff.data.synth); stop() is polled while it generates."""
     # Imported here, not above: `python -m encdiff.data.synth` must not find the module already imported.
-    from encdiff.data.synth import ensure_synth3d
+    from encdiff.data.synth import _no_stop, ensure_synth3d
 
-    return ensure_synth3d(path, grid, progress)
+    return ensure_synth3d(path, grid, progress, stop or _no_stop)
 
 
 __all__ = [

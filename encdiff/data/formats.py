@@ -286,4 +286,10 @@ def open_dataset(name, path):
     celeba and imagefolder have no factor grid: their factor_sizes is None."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
-    return DATASETS[name](Path(path))
+    path = Path(path)
+    if path.is_dir() and name not in FOLDER_DATASETS:
+        raise UserError(f"{path}: is a directory; data.name = {name!r} reads one file (.h5 or .npz): name that file")
+    return DATASETS[name](path)
+
+
+FOLDER_DATASETS = ("cars3d", "celeba", "imagefolder")

@@ -23,6 +23,7 @@ holding Shapes3D's label values; datasets are contiguous and uncompressed so the
 import argparse
 import colorsys
 import os
+import signal
 from pathlib import Path
 
 import h5py
@@ -234,13 +235,21 @@ def grid_values(grid):
     return [FACTOR_VALUES[k][list(idx)] for k, idx in enumerate(GRIDS[grid])]
 
 
-def grid_layers(grid, progress=False):
-    """(G, 4, RES, RES) layers of every geometry (scale, shape, orientation) of a grid, row-major."""
+def _no_stop():
+    pass
+
+
+def grid_layers(grid, progress=False, stop=_no_stop):
+    """(G, 4, RES, RES) layers of every geometry (scale, shape, orientation) of a grid, row-major.
+    stop() is called between geometries (it raises to abandon the work)."""
     scales, shapes, orientations = grid_values(grid)[3:]
     geometries = [(sc, int(sh), o) for sc in scales for sh in shapes for o in orientations]
     views = {o: view(o) for o in orientations}
-    bar = tqdm(geometries, desc="synth3d: ray-casting", unit="geometry", disable=not progress)
-    return np.stack([render_layers(*g, room_view=views[g[2]]) for g in bar])
+    layers = []
+    for g in tqdm(geometries, desc="synth3d: ray-casting", unit="geometry", disable=not progress):
+        stop()
+        layers.append(render_layers(*g, room_view=views[g[2]]))
+    return np.stack(layers)
 
 
 def albedo(hues):
@@ -260,14 +269,15 @@ def check_grid(grid):
         raise UserError(f"unknown synth3d grid {grid!r}: choose one of {', '.join(GRIDS)}")
 
 
-def generate(out, grid="full", progress=True):
+def generate(out, grid="full", progress=True, stop=_no_stop):
     """Write the grid's images, labels and factor attributes to the HDF5 file `out` (the full grid
-    takes about 2 GB of RAM while it runs)."""
+    takes about 2 GB of RAM while it runs). stop() is called about once a second: a stop signal
+    (train.py's) raises there, outside h5py, so that it is never swallowed by h5py's callbacks."""
     check_grid(grid)
     values = grid_values(grid)
     sizes = tuple(len(v) for v in values)
     n = int(np.prod(sizes))
-    layers = grid_layers(grid, progress) * np.float32(65535)  # linear light in 16-bit units
+    layers = grid_layers(grid, progress, stop) * np.float32(65535)  # linear light in 16-bit units
     # Per surface and hue, the geometry's contribution: (hues, G, RES, RES, 3).
     floor, wall, obj = (layers[None, :, k, :, :, None] * albedo(values[k])[:, None, None, None, :] for k in range(3))
     obj_and_highlight = obj + layers[None, :, 3, :, :, None] + np.float32(0.5)  # + 0.5: round, not floor
@@ -286,6 +296,7 @@ def generate(out, grid="full", progress=True):
         with tqdm(total=n, desc="synth3d: writing images", unit="img", unit_scale=True, disable=not progress) as bar:
             for i in range(sizes[0]):
                 for j in range(sizes[1]):
+                    stop()
                     np.add(obj_and_highlight, floor[i] + wall[j], out=linear)
                     np.copyto(quantized, linear, casting="unsafe")  # truncates: + 0.5 above rounds
                     np.take(to_srgb, quantized, out=srgb)
@@ -296,7 +307,8 @@ def generate(out, grid="full", progress=True):
 
 def write_via_temp(path, write):
     """write(tmp) into a temporary file beside `path`, then rename it: an interrupted run never
-    leaves a partial file at `path`. Returns the path."""
+    leaves a partial file at `path`, and the temporary file goes whatever stops the write (an
+    exception, a stop signal raised through stop()). Returns the path."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -310,17 +322,19 @@ def write_via_temp(path, write):
     return path
 
 
-def write_synth3d(path, grid="full", progress=True):
+def write_synth3d(path, grid="full", progress=True, stop=_no_stop):
     check_grid(grid)
-    return write_via_temp(path, lambda tmp: generate(tmp, grid, progress))
+    return write_via_temp(path, lambda tmp: generate(tmp, grid, progress, stop))
 
 
-def ensure_synth3d(path, grid="full", progress=True):
+def ensure_synth3d(path, grid="full", progress=True, stop=_no_stop):
     """Generate the synth3d file at `path` unless it is there already (then check its grid). In a
     multi-process run call it on one rank, then barrier. Returns the path."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; data.path must name the synth3d .h5 file")
     if not path.exists():
-        return write_synth3d(path, grid, progress)
+        return write_synth3d(path, grid, progress, stop)
     try:
         with h5py.File(path, "r") as f:
             found = f.attrs.get("grid")
@@ -338,7 +352,15 @@ def main():
     parser.add_argument("--out", required=True, help="output HDF5 file (replaced if it exists)")
     parser.add_argument("--grid", default="full", choices=sorted(GRIDS), help="full: 480,000 images; small: 3,840")
     args = parser.parse_args()
-    print(f"wrote {write_synth3d(args.out, args.grid)}")
+    received = []
+    for sig in (signal.SIGINT, signal.SIGTERM):  # stop between blocks, removing the temporary file
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+
+    def stop():
+        if received:
+            raise SystemExit(128 + received[0])
+
+    print(f"wrote {write_synth3d(args.out, args.grid, stop=stop)}")
 
 
 if __name__ == "__main__":
