@@ -105,6 +105,7 @@ def main(argv=None):
     names = requested or metric_names(cfg.eval.metrics)
     quick, seed = args.quick, cfg.eval.seed
     runtime.set_tf32(trained.device, cfg.perf.tf32)
+    score_amp = runtime.scoring_autocast(cfg, trained.device)  # the codes in eval.precision
     # a bad weights file fails here, before any long work
     inception = load_inception(cfg.eval.inception_path, trained.device) if cfg.eval.inception_path else None
     ds = open_eval_dataset(trained)
@@ -120,7 +121,7 @@ def main(argv=None):
     keep = picture_indices(n_images, len(ds), seed) if cfg.eval.pictures else ()
     t0 = time.perf_counter()
     codes, kept = encode_dataset(
-        trained.encoder, ds, cfg.eval.batch_size, trained.device, trained.amp, trained.channels_last, keep=keep
+        trained.encoder, ds, cfg.eval.batch_size, trained.device, score_amp, trained.channels_last, keep=keep
     )
     seconds = time.perf_counter() - t0
     print(f"encoded {len(ds):,} images in {seconds:.1f} s ({len(ds) / seconds:,.0f} images/s)")
@@ -137,7 +138,7 @@ def main(argv=None):
             ds,
             cfg.eval.batch_size,
             trained.device,
-            trained.amp,
+            score_amp,
             trained.channels_last,
         )
         baseline = score_codes(floor_codes, ds, names, seed=seed, quick=quick)

@@ -74,6 +74,7 @@ class VQVAEConfig:
     embed_dim: int = 3
     n_embed: int = 2048
     beta: float = 0.25
+    legacy_beta: bool = True  # the release's (taming legacy) weights: commitment 1, codebook beta; false: VQ-VAE's
     ema_codebook: bool = False
     use_gan: bool = False
     disc_start: int = 0
@@ -104,7 +105,7 @@ class EncDiffConfig:
     dropout: float = 0.0
     timesteps: int = 1000
     schedule: str = "cosine"  # "cosine" (paper) or "linear" (release)
-    loss: str = "l2"  # "l2" (paper) or "l1" (release)
+    loss: str = "l1"  # "l1" (every released config) or "l2" (the paper's table)
     prediction: str = "eps"  # what the U-Net predicts: "eps" (paper, release), "v" or "x0" (encdiff/diffusion.py)
     t_power: float = (
         0.0  # training timesteps drawn with density ~ (t/T)^t_power: 0 uniform (paper), > 0 favours noisy steps
@@ -132,6 +133,7 @@ class EvalConfig:
     pictures: bool = True
     ddim_steps: int = 200
     inception_path: str = ""  # Inception weights you supply for FID; empty: FID is skipped
+    precision: str = "fp32"  # the scored codes and stage 2's cached latents: fp32 (the release) | auto | bf16
 
 
 @dataclass
@@ -415,6 +417,7 @@ def validate(cfg, sources=None):
         "eval.metrics",
         f"unknown metric in {ev.metrics}; known: {', '.join(METRIC_NAMES)}",
     )
+    _one_of(ev.precision, ("fp32", "auto", "bf16"), "eval.precision")
     _check(ev.batch_size > 0, "eval.batch_size", f"must be positive; got {ev.batch_size}")
     _check(
         0 < ev.ddim_steps <= e.timesteps,
@@ -471,6 +474,7 @@ STAGE_KEYS = {
             "lr",
             "betas",
             "beta",
+            "legacy_beta",
             "ema_codebook",
             "use_gan",
             "disc_start",

@@ -39,6 +39,12 @@ def autocast(prec, device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if prec == "bf16" else torch.float16)
 
 
+def scoring_autocast(cfg, device):
+    """The precision of what is scored or cached (eval.precision): the evaluated codes and stage 2's
+    cached latents; fp32 by default, as the release computes them, whatever training uses."""
+    return autocast(precision(cfg.eval.precision, device), device)
+
+
 def set_tf32(device, enabled):
     """TF32 for matmuls and convolutions on CUDA, set both ways: cuDNN allows TF32 unless told otherwise."""
     if device.type == "cuda":

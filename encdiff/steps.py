@@ -535,7 +535,8 @@ class EncDiffStep(Step):
         """Latents (cached: encoded once, stop() polled meanwhile), the latent scale (measured on
         the first global batch unless resumed), DDP, compile, the CUDA graph."""
         if self.cfg.perf.cache_latents:
-            self.latents = encode_latents(self.vq, self.images, self.d, self.amp, stop=stop, progress=verbose)
+            amp = runtime.scoring_autocast(self.cfg, self.d.device)
+            self.latents = encode_latents(self.vq, self.images, self.d, amp, stop=stop, progress=verbose)
         if self.scale is None:
             # 1/std of the latent, measured once on the first global batch (as LDM does) and stored
             self.scale = 1.0 / self.latents_of(self.order.global_indices(0)).std()

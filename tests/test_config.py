@@ -114,7 +114,7 @@ def test_every_key_is_fixed_by_a_checkpoint_or_free_to_change_exactly_once():
     "override, key",
     [
         ("--encdiff.prediction=x0", "encdiff.prediction"),
-        ("--encdiff.loss=l1", "encdiff.loss"),
+        ("--encdiff.loss=l2", "encdiff.loss"),
         ("--run.seed=4", "run.seed"),
     ],
 )

@@ -352,3 +352,22 @@ def test_unet_cuda_bf16_channels_last_compiled_matches_math_eager():
         out.square().mean().backward()
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
     assert all(torch.isfinite(p.grad).all() for p in unet.parameters())
+
+
+def test_the_release_places_dropout_in_the_resblocks_only():
+    from encdiff.config import build_config
+    from encdiff.models.encdiff import build_unet
+
+    e = build_config([], [("encdiff.dropout", "0.1")]).encdiff
+    unet = build_unet(e, 3)
+    rates = [(name, m.p) for name, m in unet.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates and all((p == 0.1) == (".block." not in name) for name, p in rates)
+    assert any(p == 0.1 for _, p in rates) and any(".block." in name for name, _ in rates)
+
+
+def test_vqvae_legacy_beta_is_the_releases_weighting_by_default():
+    from encdiff.config import build_config
+    from encdiff.models.encdiff import build_vq
+
+    assert build_vq(build_config().vqvae).quantizer.legacy_beta is True
+    assert build_vq(build_config([], [("vqvae.legacy_beta", "false")]).vqvae).quantizer.legacy_beta is False

@@ -38,6 +38,7 @@ def build_vq(v):
         n_embed=v.n_embed,
         beta=v.beta,
         ema_codebook=v.ema_codebook,
+        legacy_beta=v.legacy_beta,
     )
 
 

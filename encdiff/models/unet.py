@@ -206,7 +206,8 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         def transformer(ch):
-            return SpatialTransformer(ch, num_heads, context_dim, dropout, grad_checkpoint)
+            # no dropout in the transformers: the release's SpatialTransformers never receive the U-Net's
+            return SpatialTransformer(ch, num_heads, context_dim, 0.0, grad_checkpoint)
 
         self.input_blocks = nn.ModuleList([Stage([nn.Conv2d(in_channels, model_channels, 3, padding=1)])])
         skip_widths, ch = [model_channels], model_channels
