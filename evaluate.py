@@ -23,10 +23,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
 
+
+from encdiff import checkpoint as ckpt
 from encdiff import runtime
 from encdiff.artifacts import load_trained
 from encdiff.config import split_args
+from encdiff.data import load_all
 from encdiff.errors import UserError, exit_on_user_error
 from encdiff.evaluation import (
     degenerate_scores,
@@ -39,6 +44,7 @@ from encdiff.evaluation import (
     score_codes,
 )
 from encdiff.pictures import picture_indices, picture_settings, save_pictures
+from encdiff.progress import HEADLINE, describe_target, encode_codes, plot_progress, read_jsonl, score
 from encdiff.fid import HOW_TO_PROVIDE, load_inception
 from encdiff.metrics import metric_names
 
@@ -68,6 +74,12 @@ def parse_args(argv):
         "evaluation)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the results an earlier evaluation left in --out")
+    p.add_argument(
+        "--every-checkpoint",
+        action="store_true",
+        help="score every kept checkpoint of a run directory with the quick eval.every_metrics: metrics.jsonl "
+        "and progress.png in --out (default RUN/encdiff/eval_checkpoints), the curve eval.every draws while training",
+    )
     p.add_argument("--baseline", choices=["random"], help="also score a freshly initialised (untrained) encoder")
     p.add_argument(
         "--fid-samples",
@@ -84,8 +96,9 @@ def default_out_dir(trained, ds, quick):
 
 
 def writable_dir(path, overwrite):
-    if (path / "metrics.json").exists() and not overwrite:
-        raise UserError(f"{path} holds an earlier evaluation's metrics.json: choose another --out, or --overwrite")
+    for name in ("metrics.json", "metrics.jsonl"):
+        if (path / name).exists() and not overwrite:
+            raise UserError(f"{path} holds an earlier evaluation's {name}: choose another --out, or --overwrite")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -95,10 +108,60 @@ def writable_dir(path, overwrite):
     return path
 
 
+def every_checkpoint(args, files, overrides):
+    """The quick metrics of each kept checkpoint of a run, oldest first, as the records of eval.every."""
+    run = Path(args.path)
+    stage_dir = run / "encdiff" if (run / "encdiff").is_dir() else run
+    paths = ckpt.list_checkpoints(stage_dir)
+    if not run.is_dir() or not paths:
+        raise UserError(f"{args.path}: --every-checkpoint needs a run directory holding encdiff checkpoints")
+    first = load_trained(paths[0], files, overrides)
+    ds = open_eval_dataset(first)
+    if ds.factor_sizes is None:
+        raise UserError(f"{ds.name}: no factor grid, so there is no disentanglement curve to draw")
+    out_dir = writable_dir(Path(args.out) if args.out else stage_dir / "eval_checkpoints", args.overwrite)
+    names = metric_names(args.metrics) if args.metrics is not None else first.cfg.eval.every_metrics
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # --overwrite (or a folder without one)
+    images = torch.from_numpy(load_all(ds))  # (N, 64, 64, 3) uint8
+    records = []
+    for path in tqdm(paths, desc="checkpoints", unit="ckpt"):
+        trained = load_trained(path, files, overrides)
+        cfg = trained.cfg
+        codes = encode_codes(
+            trained.encoder,
+            images,
+            trained.device,
+            runtime.scoring_autocast(cfg, trained.device),
+            trained.channels_last,
+        )
+        record = {
+            "step": trained.step,
+            "images_seen": trained.step * cfg.encdiff.batch_size,
+            "wall_s": float(trained.meta.get("wall_s", "nan")),
+            "checkpoint": str(path),
+            **score(codes, ds.factor_sizes, names, cfg.eval.seed),
+        }
+        records.append(record)
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"step {trained.step:,}: " + ", ".join(f"{n}.{HEADLINE[n]} {record[n][HEADLINE[n]]:.3f}" for n in names))
+    ev = first.cfg.eval
+    print(describe_target(records, ev))
+    log = read_jsonl(stage_dir / "log.jsonl")
+    targets = {"factor_vae": ev.target_factor_vae, "dci": ev.target_dci}
+    if plot_progress(out_dir / "progress.png", log, records, f"{run}: every checkpoint", targets):
+        print(f"wrote {out_dir / 'progress.png'}")
+    else:
+        print("progress.png skipped: matplotlib is not installed (pip install -e '.[plot]')")
+    print(f"wrote {out_dir / 'metrics.jsonl'}")
+
+
 def main(argv=None):
     args, files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.fid_samples is not None and args.fid_samples < 2:
         raise UserError(f"--fid-samples must be at least 2, got {args.fid_samples}")
+    if args.every_checkpoint:
+        return every_checkpoint(args, files, overrides)
     requested = metric_names(args.metrics) if args.metrics is not None else None  # a typo fails before any loading
     trained = load_trained(args.path, files, overrides)
     cfg = trained.cfg

@@ -29,6 +29,7 @@ from encdiff.config import check_resumable, from_toml_text, help_text, parse_arg
 from encdiff.data import ensure_synth3d, load_all, open_dataset
 from encdiff.errors import UserError, exit_on_user_error
 from encdiff.models.encdiff import count_params
+from encdiff.progress import LiveMetrics, describe_target
 from encdiff.steps import EncDiffStep, VQStep, Window, attention_refusal, lr_factor, seconds_per_image
 
 
@@ -89,6 +90,17 @@ def announce_plan(cfg, d):
             f"{cfg.run.max_hours:g}); config.toml is the GPU recipe: for a CPU add --config configs/cpu.toml "
             f"(about 30 minutes), or raise run.max_hours to run it anyway"
         )
+
+
+class StageClock:
+    """Wall seconds a stage has trained, over every invocation (the checkpoint carries the sum)."""
+
+    def __init__(self, meta=None):
+        self.offset = float((meta or {}).get("wall_s", 0.0))
+        self.t0 = time.perf_counter()
+
+    def __call__(self):
+        return self.offset + time.perf_counter() - self.t0
 
 
 def write_resolved_config(cfg, out_dir, stage_dir):
@@ -206,9 +218,9 @@ class StopVote:
         return agreed
 
 
-def end_of_step(done, total, r, d, win, lr, stage_dir, bar, vote, save):
+def end_of_step(done, total, r, d, win, lr, stage_dir, bar, vote, save, wall_s=0.0, shown=None):
     """Log, checkpoint and stop checks after a step. Returns True when the run must stop now. Only a
-    log step waits for the device."""
+    log step waits for the device. wall_s: the stage's seconds so far; shown: more for the bar."""
     bar.update(1)
     log_now = done % r.log_every == 0 or done == total
     if log_now:
@@ -222,10 +234,11 @@ def end_of_step(done, total, r, d, win, lr, stage_dir, bar, vote, save):
             "skipped_nonfinite": int(round(sums[3])),
             "images_per_s": win.images / (time.perf_counter() - win.t0),
             "peak_mem_mb": peak_memory_mb(d.device),
+            "wall_s": round(wall_s, 2),
         }
         if d.is_main:
             append_jsonl(stage_dir / "log.jsonl", rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}", **(shown or {}))
         streak = int(win.streak.item())
         win.reset()
         if streak >= r.max_nonfinite:
@@ -295,6 +308,7 @@ def train_vqvae(cfg, d, images, out_dir, vote):
     found = find_resume(stage_dir, cfg, "vqvae", d)
     if found is not None:
         start = artifacts.load_vq_training(st, found[1], found[2], found[0])
+    clock = StageClock(found[2] if found else None)
     if start >= v.steps:
         dist.print0(f"vqvae: finished already (step {start}), skipped")
         return False
@@ -310,7 +324,7 @@ def train_vqvae(cfg, d, images, out_dir, vote):
     def save(step, final=False):
         if d.is_main:
             guarded_save(
-                lambda s: artifacts.save_vq(stage_dir / ckpt.checkpoint_name(s), s, st, cfg),
+                lambda s: artifacts.save_vq(stage_dir / ckpt.checkpoint_name(s), s, st, cfg, clock()),
                 step,
                 final,
                 stage_dir,
@@ -325,7 +339,7 @@ def train_vqvae(cfg, d, images, out_dir, vote):
         done = step + 1
         if d.is_main and (done % r.image_every == 0 or (done == v.steps and r.image_every <= v.steps)):
             pictures.save_vq_reconstructions(x[:8], xrec[:8], stage_dir / f"recon_{done:08d}.png")
-        if end_of_step(done, v.steps, r, d, win, v.lr, stage_dir, bar, vote, save):
+        if end_of_step(done, v.steps, r, d, win, v.lr, stage_dir, bar, vote, save, clock()):
             return True
     bar.close()
     dist.barrier()
@@ -346,6 +360,7 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
     found = find_resume(stage_dir, cfg, "encdiff", d)
     if found is not None:
         start = artifacts.load_encdiff_training(st, found[1], found[2], found[0])
+    clock = StageClock(found[2] if found else None)
     if start >= e.steps:
         dist.print0(f"encdiff: finished already (step {start}), skipped")
         return False
@@ -363,7 +378,7 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
         if d.is_main:
             guarded_save(
                 lambda s: artifacts.save_encdiff(
-                    stage_dir / ckpt.checkpoint_name(s), s, st, cfg, vq_path, factor_sizes
+                    stage_dir / ckpt.checkpoint_name(s), s, st, cfg, vq_path, factor_sizes, clock()
                 ),
                 step,
                 final,
@@ -371,12 +386,19 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
                 r.keep_last,
             )
 
+    # the live encoder's quick metrics (eval.every), scored in the background on rank 0
+    live = LiveMetrics(cfg, stage_dir, factor_sizes, images, d.device) if d.is_main else None
     bar = tqdm(total=e.steps, initial=start, desc="encdiff", disable=not d.is_main, dynamic_ncols=True)
     win = Window(d.device)
     for step in range(start, e.steps):
         loss, grad_norm, x = st(step)
         win.add(loss, grad_norm, e.batch_size)
         done = step + 1
+        if live is not None:
+            live.maybe_start(done, st.model.encoder, done * e.batch_size, clock())
+            for record in live.poll():
+                if record.get("target_reached"):
+                    bar.write(describe_target([record], cfg.eval))
         if d.is_main and (done % r.image_every == 0 or (done == e.steps and r.image_every <= e.steps)):
             pictures.save_reconstructions(
                 artifacts.trained_from_step(st),
@@ -385,9 +407,16 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
                 steps=min(50, cfg.eval.ddim_steps),
                 seed=done,
             )
-        if end_of_step(done, e.steps, r, d, win, st.lr * lr_factor(step, e.warmup_steps), stage_dir, bar, vote, save):
+        lr = st.lr * lr_factor(step, e.warmup_steps)
+        if end_of_step(done, e.steps, r, d, win, lr, stage_dir, bar, vote, save, clock(), live and live.latest):
+            if live is not None:
+                live.close(wait=False)  # stopped: the scores still being computed are given up
             return True
     bar.close()
+    if live is not None:
+        live.close()
+        if live.every:
+            dist.print0(describe_target(live.records, cfg.eval, e.steps))
     dist.barrier()
     return False
 

@@ -15,7 +15,7 @@ Layout of a stage-1 file: `model.*` (the autoencoder), `opt.*` (Adam), `disc.*` 
 with encdiff.ema_all, named as in that module), `vq.*` (the frozen first stage, so the file is
 self-contained), `opt.*`, `guard.*`, `rng.noise` (the t/noise generator) and `scale_factor`. The
 metadata of both: step, stage, the resolved config (which builds the models back), the optimisers'
-param groups, and for stage 2 `vq_source` and `factor_sizes`.
+param groups, `wall_s` (seconds of training so far), and for stage 2 `vq_source` and `factor_sizes`.
 """
 
 import copy
@@ -61,13 +61,13 @@ def _load_guard(guard, tensors):
 # stage 1
 
 
-def save_vq(path, step, st, cfg):
-    """The stage-1 checkpoint of VQStep `st` after `step` updates."""
+def save_vq(path, step, st, cfg, wall_s=0.0):
+    """The stage-1 checkpoint of VQStep `st` after `step` updates, `wall_s` seconds of training."""
     tensors = ckpt.prefixed("model", st.model.state_dict())
     opt_t, groups = ckpt.optimizer_to_tensors(st.opt, "opt")
     tensors.update(opt_t)
     tensors.update(_guard_tensors(st.guard))
-    extra = {"opt_groups": groups}
+    extra = {"opt_groups": groups, "wall_s": round(wall_s, 2)}
     if st.disc is not None:
         tensors.update(ckpt.prefixed("disc", st.disc.state_dict()))
         od_t, od_groups = ckpt.optimizer_to_tensors(st.opt_d, "opt_disc")
@@ -120,8 +120,8 @@ def frozen_vq(cfg, out_dir, device):
 # stage 2
 
 
-def save_encdiff(path, step, st, cfg, vq_source, factor_sizes=None):
-    """The stage-2 checkpoint of EncDiffStep `st` after `step` updates."""
+def save_encdiff(path, step, st, cfg, vq_source, factor_sizes=None, wall_s=0.0):
+    """The stage-2 checkpoint of EncDiffStep `st` after `step` updates, `wall_s` seconds of training."""
     model = st.model
     tensors = {
         **ckpt.prefixed("encoder", model.encoder.state_dict()),
@@ -134,7 +134,7 @@ def save_encdiff(path, step, st, cfg, vq_source, factor_sizes=None):
     tensors.update(opt_t)
     tensors["rng.noise"] = st.noise_gen.get_state().clone()
     tensors["scale_factor"] = st.scale.detach().float().cpu().reshape(())
-    extra = {"opt_groups": groups, "vq_source": str(vq_source)}
+    extra = {"opt_groups": groups, "vq_source": str(vq_source), "wall_s": round(wall_s, 2)}
     if factor_sizes:
         extra["factor_sizes"] = [int(s) for s in factor_sizes]
     ckpt.save_checkpoint(path, tensors, step=step, stage="encdiff", config_toml=config_lib.to_toml(cfg), extra=extra)

@@ -134,6 +134,10 @@ class EvalConfig:
     ddim_steps: int = 200
     inception_path: str = ""  # Inception weights you supply for FID; empty: FID is skipped
     precision: str = "fp32"  # the scored codes and stage 2's cached latents: fp32 (the release) | auto | bf16
+    every: int = 0  # stage 2: quick metrics of the live encoder every N steps, in the background (0: off)
+    every_metrics: list[str] = field(default_factory=lambda: ["factor_vae", "dci", "mig"])
+    target_factor_vae: float = 0.9  # time to disentanglement: the first scores at or above both
+    target_dci: float = 0.8
 
 
 @dataclass
@@ -418,6 +422,14 @@ def validate(cfg, sources=None):
         f"unknown metric in {ev.metrics}; known: {', '.join(METRIC_NAMES)}",
     )
     _one_of(ev.precision, ("fp32", "auto", "bf16"), "eval.precision")
+    _check(ev.every >= 0, "eval.every", f"must be >= 0 (0: off); got {ev.every}")
+    _check(
+        len(ev.every_metrics) > 0 and all(m in METRIC_NAMES for m in ev.every_metrics),
+        "eval.every_metrics",
+        f"must be a non-empty list of {', '.join(METRIC_NAMES)}; got {ev.every_metrics}",
+    )
+    for key in ("target_factor_vae", "target_dci"):
+        _check(0 <= getattr(ev, key) <= 1, f"eval.{key}", f"must be in [0, 1]; got {getattr(ev, key)}")
     _check(ev.batch_size > 0, "eval.batch_size", f"must be positive; got {ev.batch_size}")
     _check(
         0 < ev.ddim_steps <= e.timesteps,

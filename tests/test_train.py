@@ -239,3 +239,59 @@ def test_each_mistake_is_one_early_line(tmp_path, tiny_data, args, message):
     r = run_train(tmp_path / "run", tiny_data, *args, check=False)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
     assert message in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics while it trains
+
+
+def test_metrics_while_training_leave_the_training_bitwise_unchanged(tmp_path, tiny_data):
+    quiet, live = tmp_path / "quiet", tmp_path / "live"
+    run_train(quiet, tiny_data)
+    r = run_train(live, tiny_data, "--eval.every=2")
+    a, b = final(quiet, "encdiff"), final(live, "encdiff")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (live / "encdiff" / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records] == [2, 4, 6]
+    for rec in records:
+        assert rec["images_seen"] == rec["step"] * 8 and rec["wall_s"] > 0  # smoke.toml: batch 8
+        assert 0 <= rec["factor_vae"]["eval_accuracy"] <= 1 and 0 <= rec["dci"]["disentanglement"] <= 1
+        assert "discrete_mig" in rec["mig"]
+    assert "time to disentanglement (FactorVAE >= 0.9 and DCI >= 0.8): not reached in 6 steps" in r.stdout
+    assert (live / "progress.png").stat().st_size > 1000 and not (quiet / "progress.png").exists()
+    log = [json.loads(line) for line in (live / "encdiff" / "log.jsonl").read_text().splitlines()]
+    assert all(rec["wall_s"] > 0 for rec in log)
+    # the same curve afterwards, from the kept checkpoints
+    import evaluate
+
+    evaluate.main([str(live), "--every-checkpoint"])
+    again = [
+        json.loads(line) for line in (live / "encdiff" / "eval_checkpoints" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [rec["step"] for rec in again] == [3, 6] and all("dci" in rec for rec in again)
+
+
+def test_time_to_disentanglement_is_the_first_step_at_both_targets():
+    from encdiff.config import build_config
+    from encdiff.progress import describe_target
+
+    def rec(step, fv, dci):
+        return {
+            "step": step,
+            "wall_s": 60.0 * step,
+            "images_seen": 128 * step,
+            "factor_vae": {"eval_accuracy": fv},
+            "dci": {"disentanglement": dci},
+        }
+
+    ev = build_config().eval
+    records = [rec(1, 0.95, 0.5), rec(2, 0.91, 0.81), rec(3, 0.99, 0.9)]
+    assert describe_target(records, ev).endswith("step 2, 2.0 min, 256 images (FactorVAE 0.910, DCI 0.810)")
+    assert "not reached; best at step 3" in describe_target([rec(2, 0.5, 0.1), rec(3, 0.6, 0.2)], ev)
+
+
+def test_progress_png_is_skipped_without_matplotlib(tmp_path, monkeypatch):
+    from encdiff.progress import plot_progress
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert plot_progress(tmp_path / "p.png", [], []) is False and not (tmp_path / "p.png").exists()
