@@ -21,7 +21,8 @@
 #   train_bench_all  stage 2 baseline and "all" (torch.compile: ~3 min to the first step on an H200)
 #                                                                                -> train_bench_all.json
 #   data         the small grid of the bundled data (python -m encdiff.data.synth --grid small)
-#   train        train.py, the default recipe less torch.compile, 60 + 60 steps, on that data
+#   train        train.py, the default recipe less torch.compile, 60 + 60 steps, on that data (the CUDA
+#                graph, the live metrics every 30 steps)
 #   evaluate     evaluate.py --quick on that run                                 -> metrics.json
 # All output also goes to log.txt; the summary table comes last (and goes to summary.md). At most 8
 # files land in OUT (what a borrowed machine sends back); data, runs and per-part logs stay in
@@ -155,7 +156,7 @@ part_train() {
   # shellcheck disable=SC2086  # GPU_CHECK_TRAIN_ARGS holds several arguments on purpose
   run "$PY" train.py --config config.toml --data.path="$WORK/synth3d_small.h5" --data.grid=small \
     --run.out_dir="$WORK/run" --vqvae.steps=60 --encdiff.steps=60 --encdiff.warmup_steps=20 --run.log_every=20 \
-    --perf.compile=off \
+    --perf.compile=off --eval.every=30 \
     $GPU_CHECK_TRAIN_ARGS
 }
 

@@ -201,10 +201,10 @@ class LiveMetrics:
     def redraw(self):
         log = read_jsonl(self.stage_dir / "log.jsonl")
         out = self.stage_dir.parent / "progress.png"
-        if (
-            not plot_progress(out, log, self.records, f"{self.stage_dir.parent.name}: stage 2")
-            and not self.announced_plot
-        ):
+        ev = self.cfg.eval
+        targets = {"factor_vae": ev.target_factor_vae, "dci": ev.target_dci}
+        drawn = plot_progress(out, log, self.records, f"{self.stage_dir.parent}: stage 2", targets)
+        if not drawn and not self.announced_plot:
             warnings.warn(
                 "progress.png skipped: matplotlib is not installed (pip install -e '.[plot]'); "
                 "the numbers are in metrics.jsonl",

@@ -402,7 +402,7 @@ class VQStep(Step):
         v, p = cfg.vqvae, cfg.perf
         self.cfg, self.d, self.images = cfg, d, images
         self.prec = runtime.precision(p.precision, d.device)
-        self.amp = runtime.autocast(self.prec, d.device)
+        self.amp = runtime.autocast(self.prec, d.device, cache_enabled=False)  # capturable
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
         self.model = build_vq(v).to(d.device)
         if p.channels_last:
@@ -497,7 +497,7 @@ class EncDiffStep(Step):
         e, p = cfg.encdiff, cfg.perf
         self.cfg, self.d, self.images, self.vq = cfg, d, images, vq
         self.prec = runtime.precision(p.precision, d.device)
-        self.amp = runtime.autocast(self.prec, d.device)
+        self.amp = runtime.autocast(self.prec, d.device, cache_enabled=False)  # capturable
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
         model = EncDiff(build_encoder(e), build_unet(e, cfg.vqvae.embed_dim, p.attention), build_diffusion(e))
         model = model.to(d.device)

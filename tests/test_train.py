@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,9 +83,17 @@ def weights(t):
     return {k: v for k, v in t.items() if k.split(".")[0] in ("model", "encoder", "unet", "ema")}
 
 
-def test_one_process_trains_both_stages(tmp_path, tiny_data):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_data):
+    """One uninterrupted run of TINY, shared by the tests that compare with it (not to be changed)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
     run_train(out, tiny_data)
+    return out
+
+
+def test_one_process_trains_both_stages(tmp_path, tiny_data, straight):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
     for stage, steps in (("vqvae", 4), ("encdiff", 6)):
         log = [json.loads(line) for line in (out / stage / "log.jsonl").read_text().splitlines()]
         assert [rec["step"] for rec in log] == list(range(2, steps + 1, 2))
@@ -98,9 +107,8 @@ def test_one_process_trains_both_stages(tmp_path, tiny_data):
     assert "finished already" in r.stdout
 
 
-def test_resume_is_bitwise_exact(tmp_path, tiny_data):
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run_train(straight, tiny_data)
+def test_resume_is_bitwise_exact(tmp_path, tiny_data, straight):
+    broken = tmp_path / "broken"
     run_train(broken, tiny_data, "--encdiff.steps=3")  # stops after the step-3 checkpoint
     run_train(broken, tiny_data)  # resumes from step 3 to step 6
     a, b = final(straight, "encdiff"), final(broken, "encdiff")
@@ -109,9 +117,8 @@ def test_resume_is_bitwise_exact(tmp_path, tiny_data):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_two_ranks_equal_one_rank(tmp_path, tiny_data):
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_train(one, tiny_data)
+def test_two_ranks_equal_one_rank(tmp_path, tiny_data, straight):
+    one, two = straight, tmp_path / "two"
     run_train(two, tiny_data, nproc=2)
     # Adam's first updates are about lr * sign(grad): a gradient within float noise of zero may flip
     # sign, so a handful of elements can differ by up to 2 lr per step. Everything else must agree.
@@ -245,9 +252,8 @@ def test_each_mistake_is_one_early_line(tmp_path, tiny_data, args, message):
 # metrics while it trains
 
 
-def test_metrics_while_training_leave_the_training_bitwise_unchanged(tmp_path, tiny_data):
-    quiet, live = tmp_path / "quiet", tmp_path / "live"
-    run_train(quiet, tiny_data)
+def test_metrics_while_training_leave_the_training_bitwise_unchanged(tmp_path, tiny_data, straight):
+    quiet, live = straight, tmp_path / "live"
     r = run_train(live, tiny_data, "--eval.every=2")
     a, b = final(quiet, "encdiff"), final(live, "encdiff")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
