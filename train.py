@@ -88,7 +88,7 @@ def announce_plan(cfg, d):
         raise UserError(
             f"this run would take about {hours:,.0f} hours on this CPU (run.max_hours = "
             f"{cfg.run.max_hours:g}); config.toml is the GPU recipe: for a CPU add --config configs/cpu.toml "
-            f"(about 30 minutes), or raise run.max_hours to run it anyway"
+            f"(about 20 minutes), or raise run.max_hours to run it anyway"
         )
 
 

@@ -73,7 +73,7 @@ def test_no_host_sync_inside_a_step(tiny_data, precision):
         vote = train.StopVote(train.StopSignal([]), one_process())
         st(0)  # the optimiser's state is made at its first step
         with CountSyncs() as counter:
-            for i in range(1, 4):
+            for i in range(1, 3):
                 out = st(i)
                 win.add(out[0], out[1], len(out[2]))
                 assert not train.end_of_step(
