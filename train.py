@@ -451,13 +451,13 @@ def main(argv=None):
             f"note: perf.precision = {cfg.perf.precision!r} on the CPU emulates what a GPU does in hardware "
             f"and runs far slower than fp32 ('auto' picks fp32 here)"
         )
+    if cfg.vqvae.ckpt:
+        artifacts.check_given_vq(cfg)
     runtime.set_tf32(d.device, cfg.perf.tf32)
     announce_plan(cfg, d)
     out_dir = Path(cfg.run.out_dir)
     if d.is_main:
         check_output_dir(out_dir)
-    if cfg.vqvae.ckpt and not Path(cfg.vqvae.ckpt).is_file():
-        raise UserError(f"vqvae.ckpt: file not found: {cfg.vqvae.ckpt}")
     ds, images = open_data(cfg, d, stop)
     dist.print0(
         f"data: {cfg.data.name} {cfg.data.path}, {len(images):,} images, world size {d.world_size}, device {d.device}"

@@ -92,6 +92,26 @@ def load_vq_training(st, tensors, meta, path):
     return int(meta["step"])
 
 
+def check_given_vq(cfg):
+    """vqvae.ckpt, from its metadata alone (before any long work): a stage-1 checkpoint of this VQ."""
+    path = Path(cfg.vqvae.ckpt)
+    if not path.is_file():
+        raise UserError(f"vqvae.ckpt: file not found: {path}")
+    meta = ckpt.read_metadata(path)
+    if "stage" not in meta or "config" not in meta:
+        raise UserError(f"{path}: not an encdiff checkpoint (no stage or config in its metadata)")
+    _check_vq_meta(path, meta, cfg)
+
+
+def _check_vq_meta(path, meta, cfg):
+    if meta["stage"] != "vqvae":
+        raise UserError(
+            f"{path}: a stage-2 ({meta['stage']}) checkpoint; vqvae.ckpt needs a stage-1 (vqvae) "
+            f"checkpoint, ckpt_*.safetensors in a run's vqvae/ folder"
+        )
+    config_lib.check_same_vq(_stored_config(meta, path), cfg, path)
+
+
 def frozen_vq(cfg, out_dir, device):
     """Stage 2's first stage, frozen: from vqvae.ckpt if given, else the newest of out_dir/vqvae.
     -> (vq in eval mode without gradients, its path)."""
@@ -105,12 +125,7 @@ def frozen_vq(cfg, out_dir, device):
                 f"no VQ checkpoint in {Path(out_dir) / 'vqvae'}: run the vqvae stage first or set vqvae.ckpt"
             )
         path, tensors, meta = found
-    if meta["stage"] != "vqvae":
-        raise UserError(
-            f"{path}: a {meta['stage']} (stage 2) checkpoint; vqvae.ckpt needs a stage-1 (vqvae) "
-            f"checkpoint, ckpt_*.safetensors in a run's vqvae/ folder"
-        )
-    config_lib.check_same_vq(_stored_config(meta, path), cfg, path)
+    _check_vq_meta(path, meta, cfg)
     vq = build_vq(cfg.vqvae)
     load_weights(vq, ckpt.unprefixed("model", tensors), "model", path)
     return vq.to(device).eval().requires_grad_(False), path

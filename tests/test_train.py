@@ -134,11 +134,15 @@ def test_batch_not_divisible_by_world_size(tmp_path, tiny_data):
     assert r.returncode != 0 and "not divisible by the world size 2" in r.stderr
 
 
-def test_missing_data_and_missing_vq_checkpoint(tmp_path, tiny_data):
+def test_missing_data_and_missing_vq_checkpoint(tmp_path, tiny_data, straight):
     r = run_train(tmp_path / "a", tmp_path / "nope.h5", check=False)
     assert r.returncode == 2 and "nope.h5" in r.stderr
     r = run_train(tmp_path / "b", tiny_data, "--run.stages=encdiff", check=False)
     assert r.returncode == 2 and "no VQ checkpoint" in r.stderr
+    stage2 = sorted((straight / "encdiff").glob("ckpt_*.safetensors"))[-1]
+    r = run_train(tmp_path / "c", tiny_data, "--run.stages=encdiff", f"--vqvae.ckpt={stage2}", check=False)
+    assert r.returncode == 2 and "a stage-2 (encdiff) checkpoint; vqvae.ckpt needs a stage-1" in r.stderr
+    assert "data:" not in r.stdout  # refused before the data is opened (or generated)
 
 
 def test_two_launchers_on_one_host_act_as_two_nodes(tmp_path, tiny_data):
