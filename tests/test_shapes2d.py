@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from encdiff.data import open_dataset, shapes2d
+from encdiff.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +43,24 @@ def test_no_shape_looks_the_same_after_a_rotation(grid):
     for s in range(one.shape[0]):
         masks = (np.abs(one[s].astype(np.int16) - one[s, :, :1, :1]) > 0).reshape(len(one[s]), -1)
         assert len(np.unique(masks, axis=0)) == len(masks), shapes2d.SHAPES[s]
+
+
+@pytest.mark.parametrize("size", [shapes2d.SIZE, shapes2d.SIZES[1]])
+def test_every_shape_stays_inside_the_image_at_any_size_and_angle(size):
+    centres = shapes2d.positions(size)
+    for shape in shapes2d.SHAPES:
+        for angle in shapes2d.ORIENTATIONS:
+            for cx in (centres[0], centres[-1]):
+                for cy in (centres[0], centres[-1]):
+                    a = shapes2d.coverage(shape, angle, cx, cy, size)  # (64, 64)
+                    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+                    assert border.max() == 0, (shape, angle, cx, cy)
+                    assert a.sum() > 0
+
+
+def test_the_default_size_keeps_its_positions_and_a_bad_size_writes_nothing(tmp_path):
+    assert np.allclose(shapes2d.positions(), np.linspace(0.3, 0.7, 5))
+    assert shapes2d.positions(0.28)[0] == pytest.approx(0.35)
+    with pytest.raises(UserError, match="--size 0.5"):
+        shapes2d.write_shapes2d(tmp_path / "x.h5", progress=False, size=0.5)
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@ rotation of asymmetric shapes and the background's brightness. Written in the ge
 for checking a preset on data it was not tuned on.
 
     python -m encdiff.data.shapes2d --out data/shapes2d.h5     # 9,600 images, 6 factors
+    python -m encdiff.data.shapes2d --out data/shapes2d_big.h5 --size 0.28   # the shapes 1.65x as large
 
 Factors (row-major, last fastest): shape 4 (arrow, L, T, half-disc: none of them looks the same
 after any of the rotations, so the angle can be read off the image), orientation 8 (45 degree
@@ -18,18 +19,19 @@ import numpy as np
 from tqdm import tqdm
 
 from encdiff.data.synth import write_via_temp
-from encdiff.errors import exit_on_user_error
+from encdiff.errors import UserError, exit_on_user_error
 
 FACTOR_NAMES = ("shape", "orientation", "hue", "background", "pos_x", "pos_y")
 SHAPES = ("arrow", "L", "T", "half_disc")
 ORIENTATIONS = np.arange(8) * (np.pi / 4)
 HUES = np.arange(4) / 4
 BACKGROUNDS = np.array([0.08, 0.3, 0.55], np.float32)
-POSITIONS = np.linspace(0.3, 0.7, 5)  # the shape's centre; it stays inside the image at any angle
-FACTOR_SIZES = (len(SHAPES), len(ORIENTATIONS), len(HUES), len(BACKGROUNDS), len(POSITIONS), len(POSITIONS))
+N_POSITIONS = 5
+FACTOR_SIZES = (len(SHAPES), len(ORIENTATIONS), len(HUES), len(BACKGROUNDS), N_POSITIONS, N_POSITIONS)
 RES = 64
 SUPERSAMPLE = 4
-SIZE = 0.17  # half-extent of a shape, in units of the image side
+SIZE = 0.17  # half-extent of a shape, in units of the image side (about 22 pixels across)
+SIZES = (0.1, 0.3)  # the --size range: no shape point is further than 1.25 half-extents from its centre
 
 
 def inside(shape, u, v):
@@ -47,19 +49,27 @@ def inside(shape, u, v):
     return (u * u + v * v <= 0.8**2) & (u >= -0.1)  # the half-disc's round side faces +u
 
 
-def coverage(shape, angle, cx, cy):
+def positions(size=SIZE):
+    """The shape centres along x (and y): 0.3 ... 0.7, moved inwards where a large shape needs it to
+    stay inside the image at any angle."""
+    margin = max(0.3, 1.25 * size)
+    return np.linspace(margin, 1 - margin, N_POSITIONS)
+
+
+def coverage(shape, angle, cx, cy, size=SIZE):
     """(RES, RES) fraction of each pixel the rotated shape covers, from SUPERSAMPLE^2 samples."""
     n = RES * SUPERSAMPLE
     c = (np.arange(n, dtype=np.float32) + 0.5) / n
     y, x = np.meshgrid(c, c, indexing="ij")  # (n, n) sample positions in [0, 1], y down
-    dx, dy = (x - cx) / SIZE, (cy - y) / SIZE  # y up in the shape's frame
+    dx, dy = (x - cx) / size, (cy - y) / size  # y up in the shape's frame
     cos, sin = np.cos(angle), np.sin(angle)
     u, v = cos * dx + sin * dy, -sin * dx + cos * dy  # rotate the samples by -angle: the shape by +angle
     return inside(shape, u, v).reshape(RES, SUPERSAMPLE, RES, SUPERSAMPLE).mean(axis=(1, 3), dtype=np.float32)
 
 
-def generate(out, progress=True):
+def generate(out, progress=True, size=SIZE):
     n = int(np.prod(FACTOR_SIZES))
+    centres = positions(size)
     colours = np.array([colorsys.hsv_to_rgb(h, 0.85, 0.95) for h in HUES], np.float32)  # (hues, 3)
     per_shape = int(np.prod(FACTOR_SIZES[1:]))
     with h5py.File(out, "w") as f:
@@ -71,10 +81,10 @@ def generate(out, progress=True):
             for s, shape in enumerate(SHAPES):
                 # the geometry once per (orientation, x, y); hue and background only colour it
                 cover = {
-                    (o, ix, iy): coverage(shape, ORIENTATIONS[o], POSITIONS[ix], POSITIONS[iy])[..., None]
+                    (o, ix, iy): coverage(shape, ORIENTATIONS[o], centres[ix], centres[iy], size)[..., None]
                     for o in range(len(ORIENTATIONS))
-                    for ix in range(len(POSITIONS))
-                    for iy in range(len(POSITIONS))
+                    for ix in range(N_POSITIONS)
+                    for iy in range(N_POSITIONS)
                 }
                 for i, (o, h, b, ix, iy) in enumerate(np.ndindex(*FACTOR_SIZES[1:])):  # row-major
                     a = cover[o, ix, iy]  # (RES, RES, 1)
@@ -83,15 +93,23 @@ def generate(out, progress=True):
                 bar.update(per_shape)
 
 
-def write_shapes2d(path, progress=True):
-    return write_via_temp(path, lambda tmp: generate(tmp, progress))
+def write_shapes2d(path, progress=True, size=SIZE):
+    if not SIZES[0] <= size <= SIZES[1]:
+        raise UserError(f"--size {size}: the half-extent must be in [{SIZES[0]}, {SIZES[1]}] of the image side")
+    return write_via_temp(path, lambda tmp: generate(tmp, progress, size))
 
 
 def main():
     parser = argparse.ArgumentParser(description="Generate shapes2d, rotated 2D shapes in the generic HDF5 format.")
     parser.add_argument("--out", required=True, help="output HDF5 file (replaced if it exists)")
+    parser.add_argument(
+        "--size",
+        type=float,
+        default=SIZE,
+        help=f"a shape's half-extent in units of the image side (default {SIZE}; {SIZES[0]} to {SIZES[1]})",
+    )
     args = parser.parse_args()
-    print(f"wrote {write_shapes2d(args.out)}")
+    print(f"wrote {write_shapes2d(args.out, size=args.size)}")
 
 
 if __name__ == "__main__":
