@@ -83,7 +83,10 @@ def announce_plan(cfg, d):
         return
     hours = sum(seconds_per_image(s, cfg, d) * n * getattr(cfg, s).batch_size / d.world_size for s, n in todo.items())
     hours /= 3600
-    dist.print0(f"plan: about {hours:.1f} hours on this CPU ({torch.get_num_threads()} threads; from timed steps)")
+    threads = torch.get_num_threads()
+    dist.print0(
+        f"plan: about {hours:.1f} hours on this CPU ({threads} thread{'s' if threads > 1 else ''}; from timed steps)"
+    )
     if cfg.run.max_hours and hours > cfg.run.max_hours:
         raise UserError(
             f"this run would take about {hours:,.0f} hours on this CPU (run.max_hours = "
