@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-
 from encdiff import checkpoint as ckpt
 from encdiff import runtime
 from encdiff.artifacts import load_trained

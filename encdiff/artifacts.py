@@ -97,10 +97,7 @@ def check_given_vq(cfg):
     path = Path(cfg.vqvae.ckpt)
     if not path.is_file():
         raise UserError(f"vqvae.ckpt: file not found: {path}")
-    meta = ckpt.read_metadata(path)
-    if "stage" not in meta or "config" not in meta:
-        raise UserError(f"{path}: not an encdiff checkpoint (no stage or config in its metadata)")
-    _check_vq_meta(path, meta, cfg)
+    _check_vq_meta(path, ckpt.checkpoint_metadata(path), cfg)
 
 
 def _check_vq_meta(path, meta, cfg):

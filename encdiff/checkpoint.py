@@ -131,8 +131,8 @@ def read_metadata(path):
         raise UserError(f"{path}: not a readable checkpoint ({e})") from None
 
 
-def load_checkpoint(path, device="cpu", verify=True):
-    """(tensors, metadata) of a checkpoint, verified against its checksum."""
+def checkpoint_metadata(path):
+    """The metadata of an encdiff checkpoint file, without reading its tensors."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
@@ -140,6 +140,12 @@ def load_checkpoint(path, device="cpu", verify=True):
     for key in ("step", "stage", "config", "checksum"):
         if key not in meta:
             raise UserError(f"{path}: not an encdiff checkpoint (metadata has no '{key}')")
+    return meta
+
+
+def load_checkpoint(path, device="cpu", verify=True):
+    """(tensors, metadata) of a checkpoint, verified against its checksum."""
+    meta = checkpoint_metadata(path)
     try:
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -1,7 +1,7 @@
 """How a run is doing while it trains: the quick metrics of the live encoder, time to disentanglement,
 and progress.png.
 
-    live = LiveMetrics(cfg, stage_dir, factor_sizes, images, device, wall_offset)
+    live = LiveMetrics(cfg, stage_dir, factor_sizes, images, device)
     live.maybe_start(step, encoder, images_seen, wall_s)   # at eval.every steps: encode, hand over
     for record in live.poll(): ...                         # finished scores, appended to metrics.jsonl
     live.close()                                           # at the end: wait, the summary line
@@ -143,13 +143,8 @@ class LiveMetrics:
 
     def __init__(self, cfg, stage_dir, factor_sizes, images, device):
         ev = cfg.eval
-        self.cfg, self.stage_dir, self.factor_sizes, self.images, self.device = (
-            cfg,
-            Path(stage_dir),
-            factor_sizes,
-            images,
-            device,
-        )
+        self.cfg, self.stage_dir, self.factor_sizes = cfg, Path(stage_dir), factor_sizes
+        self.images, self.device = images, device
         self.every = ev.every if factor_sizes else 0
         self.path = self.stage_dir / "metrics.jsonl"
         self.records = read_jsonl(self.path)

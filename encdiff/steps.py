@@ -606,7 +606,10 @@ def seconds_per_image(stage, cfg, d, batch=8, steps=2):
         else:
             vq = build_vq(cfg.vqvae).to(d.device).eval().requires_grad_(False)
             st = EncDiffStep(cfg, d, images, vq)
-        st.prepare(0, verbose=False) if stage == "encdiff" else st.prepare(0)
+        if stage == "encdiff":
+            st.prepare(0, verbose=False)
+        else:
+            st.prepare(0)
         st(0)
         t0 = time.perf_counter()
         for i in range(1, steps + 1):
