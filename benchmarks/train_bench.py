@@ -47,7 +47,7 @@ from encdiff.errors import UserError, exit_on_user_error  # noqa: E402
 from encdiff.images import uint8_to_model  # noqa: E402
 from encdiff.models.encdiff import build_encoder, build_unet, build_vq, count_params  # noqa: E402
 from encdiff.runtime import versions  # noqa: E402
-from encdiff.steps import EncDiffStep, VQStep, Window  # noqa: E402
+from encdiff.steps import Window, build_step as build_stage_step  # noqa: E402
 
 STAGES = ("vqvae", "encdiff")
 STAGE_TITLES = {"vqvae": "stage 1: VQ autoencoder", "encdiff": "stage 2: concept encoder + latent U-Net"}
@@ -299,15 +299,8 @@ def step_config(cfg, batch, d):
 
 
 def build_step(stage, cfg, d, images, vq=None):
-    """train.py's step of `stage`, prepared from step 0. Stage 2's frozen VQ is `vq`, or one with
-    random weights (the cost is the same)."""
-    if stage == "vqvae":
-        st = VQStep(cfg, d, images)
-    else:
-        if vq is None:
-            torch.manual_seed(cfg.run.seed)
-            vq = build_vq(cfg.vqvae).to(d.device).eval().requires_grad_(False)
-        st = EncDiffStep(cfg, d, images, vq)
+    """train.py's step of `stage` (encdiff/steps.py), prepared from step 0."""
+    st = build_stage_step(stage, cfg, d, images, vq)
     st.prepare(0)
     return st
 

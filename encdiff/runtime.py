@@ -32,15 +32,16 @@ def precision(choice, device):
     return choice
 
 
+LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # what autocast computes in; fp32: none
+
+
 def autocast(prec, device, cache_enabled=True):
     """The autocast context of a resolved precision (reusable: it can be entered many times).
     cache_enabled=False for code a CUDA graph may capture, as PyTorch asks: the cache of cast
     weights would outlive the capture."""
     if prec == "fp32":
         return nullcontext()
-    return torch.autocast(
-        device.type, dtype=torch.bfloat16 if prec == "bf16" else torch.float16, cache_enabled=cache_enabled
-    )
+    return torch.autocast(device.type, dtype=LOW_DTYPES[prec], cache_enabled=cache_enabled)
 
 
 def scoring_autocast(cfg, device):

@@ -428,7 +428,8 @@ class VQStep(Step):
     def optimizers(self):
         return [self.opt] + ([self.opt_d] if self.opt_d is not None else [])
 
-    def prepare(self, start):
+    def prepare(self, start, stop=None, verbose=True):
+        """DDP, compile, the CUDA graph (stop and verbose: as EncDiffStep.prepare's, nothing to poll)."""
         self.forward = compile_model(wrap_ddp(self.model, self.d), self.cfg.perf.compile)
         gan = "vqvae.use_gan: the GAN's loss changes with the step and its adaptive weight needs eager autograd"
         refusal = graph_refusal(self.cfg, self.d, self.images, self.fused, gan if self.disc is not None else None)
@@ -588,6 +589,17 @@ class EncDiffStep(Step):
         return loss.detach(), grad_norm, x
 
 
+def build_step(stage, cfg, d, images, vq=None):
+    """`stage`'s step ("vqvae" or "encdiff"), not yet prepared. Stage 2's frozen VQ is `vq`, or one
+    with random weights seeded by run.seed where only the cost matters (benchmarks, the CPU plan)."""
+    if stage == "vqvae":
+        return VQStep(cfg, d, images)
+    if vq is None:
+        torch.manual_seed(cfg.run.seed)
+        vq = build_vq(cfg.vqvae).to(d.device).eval().requires_grad_(False)
+    return EncDiffStep(cfg, d, images, vq)
+
+
 def seconds_per_image(stage, cfg, d, batch=8, steps=2):
     """How long `stage` takes per trained image under cfg on d's device: `steps` eager updates on
     random images at a small batch, after one warm-up (compile and CUDA graph off: their first
@@ -601,15 +613,8 @@ def seconds_per_image(stage, cfg, d, batch=8, steps=2):
         0, 256, (2 * section.batch_size, 64, 64, 3), dtype=torch.uint8, generator=g
     )  # (N, 64, 64, 3)
     with torch.random.fork_rng(devices=[]):
-        if stage == "vqvae":
-            st = VQStep(cfg, d, images)
-        else:
-            vq = build_vq(cfg.vqvae).to(d.device).eval().requires_grad_(False)
-            st = EncDiffStep(cfg, d, images, vq)
-        if stage == "encdiff":
-            st.prepare(0, verbose=False)
-        else:
-            st.prepare(0)
+        st = build_step(stage, cfg, d, images)
+        st.prepare(0, verbose=False)
         st(0)
         t0 = time.perf_counter()
         for i in range(1, steps + 1):

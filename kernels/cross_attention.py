@@ -188,7 +188,9 @@ def unsupported_reason(q, k, v, heads):
     """Why the fused kernel cannot run on inputs that passed check_inputs, or None. Cheap Python
     checks only, so torch.compile can evaluate it while tracing."""
     d = q.shape[2] // heads
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and INTERPRETED):
+    # meta tensors (shapes without data) reach the custom ops' fake implementations: a step can be
+    # traced op by op without a GPU (benchmarks/step_trace.py)
+    if q.device.type not in ("cuda", "meta") and not (q.device.type == "cpu" and INTERPRETED):
         return f"needs CUDA tensors, got {q.device.type} (on the CPU only with TRITON_INTERPRET=1 set before import)"
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} is not one of fp32, bf16, fp16"
