@@ -29,6 +29,7 @@ from tqdm import tqdm
 import kernels
 from encdiff import dist, runtime
 from encdiff.images import uint8_to_model
+from encdiff.low_precision import LowPrecisionWeights
 from encdiff.models.encdiff import EncDiff, build_diffusion, build_encoder, build_unet, build_vq
 from encdiff.models.vq_loss import VQLoss
 from encdiff.sync_bn import convert_to_global_bn
@@ -367,6 +368,11 @@ class Step:
             return
         dist.print0(f"{label}: the update is one CUDA graph ({warmup} warm-up steps, then replays)")
 
+    def with_low_precision_weights(self, model):
+        """model, or model with its layers' weights cast in one pass when the step runs in bf16/fp16."""
+        dtype = runtime.LOW_DTYPES.get(self.prec)
+        return model if dtype is None else LowPrecisionWeights(model, dtype)
+
     def backward_and_step(self, loss):
         """Backward of the loss and the guarded step of the model's optimiser -> (loss, grad norm)."""
         if INJECT_NAN:
@@ -430,7 +436,8 @@ class VQStep(Step):
 
     def prepare(self, start, stop=None, verbose=True):
         """DDP, compile, the CUDA graph (stop and verbose: as EncDiffStep.prepare's, nothing to poll)."""
-        self.forward = compile_model(wrap_ddp(self.model, self.d), self.cfg.perf.compile)
+        model = self.with_low_precision_weights(self.model)
+        self.forward = compile_model(wrap_ddp(model, self.d), self.cfg.perf.compile)
         gan = "vqvae.use_gan: the GAN's loss changes with the step and its adaptive weight needs eager autograd"
         refusal = graph_refusal(self.cfg, self.d, self.images, self.fused, gan if self.disc is not None else None)
         self.capture(start, refusal, "vqvae")
@@ -543,7 +550,8 @@ class EncDiffStep(Step):
             self.scale = 1.0 / self.latents_of(self.order.global_indices(0)).std()
             if verbose:
                 dist.print0(f"encdiff: latent scale factor {self.scale.item():.4f}")
-        ddp = wrap_ddp(self.model, self.d, static_graph=True, gradient_as_bucket_view=True, **NO_BUFFER_SYNC)
+        model = self.with_low_precision_weights(self.model)
+        ddp = wrap_ddp(model, self.d, static_graph=True, gradient_as_bucket_view=True, **NO_BUFFER_SYNC)
         self.forward = compile_model(ddp, self.cfg.perf.compile)
         self.capture(start, graph_refusal(self.cfg, self.d, self.images, self.fused), "encdiff")
 
