@@ -30,6 +30,7 @@ Ops that CUDA runs inside another op (cuBLAS workspaces, cuDNN's own transposes)
 
 import argparse
 import collections
+import copy
 import json
 import math
 import os
@@ -39,6 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -501,6 +503,46 @@ def trace_step(cfg, stage):
 
 
 # ---------------------------------------------------------------------------------------------
+# how far the low-precision step is from the fp32 one
+
+
+def numerics(cfg, batch=16, seed=0):
+    """-> (relative distance of stage 2's bf16 gradient from its fp32 one under CUDA autocast's own
+    policy: norms in fp32, every weight cast at its op; the same under this project's: norms in
+    their input's precision, weights cast in one pass). One forward + backward of the config's
+    model on real CPU tensors, the CUDA rules applied as in the trace."""
+    from encdiff.low_precision import LowPrecisionWeights
+    from encdiff.models.encdiff import EncDiff, build_diffusion, build_encoder, build_unet
+    from encdiff.models.layers import GroupNorm, LayerNorm
+
+    e = cfg.encdiff
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = EncDiff(build_encoder(e), build_unet(e, cfg.vqvae.embed_dim), build_diffusion(e))
+        with torch.no_grad():  # off the zero init, or the output layers block every gradient
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        model = model.to(memory_format=torch.channels_last)
+        x = (torch.rand(batch, 3, 64, 64) * 2 - 1).contiguous(memory_format=torch.channels_last)
+        z0, noise = torch.randn(batch, cfg.vqvae.embed_dim, 16, 16), torch.randn(batch, cfg.vqvae.embed_dim, 16, 16)
+        t = torch.randint(0, e.timesteps, (batch,))
+    autocast_policy = copy.deepcopy(model)
+    for m in autocast_policy.modules():  # torch's norms: autocast runs them in fp32
+        m.__class__ = {GroupNorm: nn.GroupNorm, LayerNorm: nn.LayerNorm}.get(type(m), type(m))
+
+    def gradient(m, call, low):
+        m.zero_grad(set_to_none=True)
+        with autocast_on_meta(), Autocast("cuda", dtype=torch.bfloat16, enabled=low), CudaRules(lambda: ""):
+            call(x, z0, t, noise).backward()
+        return torch.cat([p.grad.flatten() for p in m.parameters()])
+
+    fp32 = gradient(model, model, False)
+    ours = gradient(model, LowPrecisionWeights(model, torch.bfloat16), True)
+    theirs = gradient(autocast_policy, autocast_policy, True)
+    return ((theirs - fp32).norm() / fp32.norm()).item(), ((ours - fp32).norm() / fp32.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------
 # the report
 
 
@@ -664,10 +706,17 @@ def parse_args(argv):
     p.add_argument("--card", default="H200", choices=sorted(CARDS))
     p.add_argument("--top", type=int, default=10, help="how many of the costliest ops to list")
     p.add_argument("--json", metavar="PATH", help="write the report to this file")
+    p.add_argument(
+        "--numerics",
+        type=int,
+        metavar="BATCH",
+        help="also: how far stage 2's bf16 gradient is from fp32's, autocast's policy against this project's "
+        "(real CPU tensors at this batch)",
+    )
     args = p.parse_args(rest)
     args.batch = args.batch or (128 if args.stage == "encdiff" else 256)
-    if args.batch < 1 or args.top < 0:
-        raise UserError("--batch must be >= 1 and --top >= 0")
+    if args.batch < 1 or args.top < 0 or (args.numerics is not None and args.numerics < 1):
+        raise UserError("--batch and --numerics must be >= 1, --top >= 0")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise UserError(f"--json {args.json}: the folder does not exist")
     return args, files, overrides
@@ -680,6 +729,13 @@ def main(argv=None):
     rec = trace_step(cfg, args.stage)
     report = summarize(rec, args.card, args.batch, args.top)
     print(format_report(report, args.stage, cfg.perf.precision))
+    if args.numerics:
+        autocast_error, ours = numerics(cfg, args.numerics)
+        report["numerics"] = {"batch": args.numerics, "autocast_policy": autocast_error, "this_project": ours}
+        print(
+            f"\nbf16 gradient vs fp32 (stage 2, batch {args.numerics}, relative L2): CUDA autocast's policy "
+            f"{autocast_error:.3e}, this project's {ours:.3e}"
+        )
     if args.json:
         meta = {
             **versions(),

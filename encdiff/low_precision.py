@@ -14,8 +14,11 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-# the layers whose weights autocast casts to the low precision (its matmul/convolution lists)
-CAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
+from encdiff.models.layers import GroupNorm, LayerNorm
+
+# the layers whose weights autocast casts to the low precision (its matmul/convolution lists), and
+# the norms that run in their input's precision (encdiff/models/layers.py)
+CAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, GroupNorm, LayerNorm)
 
 
 class CastAll(torch.autograd.Function):

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 from encdiff.low_precision import CastAll, LowPrecisionWeights
 from encdiff.models.encdiff import EncDiff, build_diffusion, build_encoder, build_unet, build_vq
+from encdiff.models.layers import GroupNorm, LayerNorm
 from encdiff.config import build_config
 from test_models import perturb
 
@@ -70,3 +72,21 @@ def test_cast_all_keeps_strides_and_passes_no_gradient_for_an_unused_tensor():
     (la.float() * 3).sum().backward()
     assert b.grad is None and a.grad.dtype == torch.float32
     assert torch.equal(a.grad, torch.full_like(a, 3.0))
+
+
+def test_norms_in_fp32_are_torchs():
+    x = torch.randn(2, 64, 5, 5)
+    gn, ref = GroupNorm(32, 64), nn.GroupNorm(32, 64)
+    ln, ref_ln = LayerNorm(64), nn.LayerNorm(64)
+    for mine, theirs in ((gn, ref), (ln, ref_ln)):
+        perturb(mine), theirs.load_state_dict(mine.state_dict())
+    assert torch.equal(gn(x), ref(x))
+    h = x.flatten(2).transpose(1, 2)  # (B, L, C)
+    assert torch.equal(ln(h), ref_ln(h))
+
+
+def test_norms_keep_a_bf16_input_in_bf16_under_autocast():
+    x = torch.randn(2, 64, 4, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = GroupNorm(32, 64)(x), LayerNorm(64)(x.flatten(2).transpose(1, 2))
+    assert all(o.dtype == torch.bfloat16 for o in out)

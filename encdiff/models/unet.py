@@ -15,11 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-
-
-def group_norm(channels, eps=1e-5):
-    # 32 groups as released; tiny test models whose width is not a multiple of 32 get fewer.
-    return nn.GroupNorm(math.gcd(32, channels), channels, eps=eps)
+from encdiff.models.layers import LayerNorm, group_norm, upsample2x
 
 
 def zero_init(module):
@@ -44,10 +40,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, cin, emb_dim, cout, dropout=0.0, up=False, down=False):
         super().__init__()
-        self.in_norm = group_norm(cin)
+        self.in_norm = group_norm(cin, eps=1e-5)
         self.in_conv = nn.Conv2d(cin, cout, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, 2 * cout)
-        self.out_norm = group_norm(cout)
+        self.out_norm = group_norm(cout, eps=1e-5)
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_init(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
@@ -55,7 +51,7 @@ class ResBlock(nn.Module):
 
     def resample(self, x):
         if self.up:
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+            return upsample2x(x)
         if self.down:
             return F.avg_pool2d(x, 2)
         return x
@@ -113,11 +109,11 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, dim, heads, context_dim, dropout=0.0, backend="auto"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads, None, dropout, backend)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, heads, context_dim, dropout, backend)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff_in = nn.Linear(dim, 8 * dim)
         self.ff_dropout = nn.Dropout(dropout)
         self.ff_out = nn.Linear(4 * dim, dim)
@@ -238,7 +234,8 @@ class UNet(nn.Module):
                     layers.append(ResBlock(ch, emb_dim, ch, dropout, up=True))
                 self.output_blocks.append(Stage(layers))
 
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        head = zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch, eps=1e-5), nn.SiLU(), head)
         self.set_attn_backend(attn_backend)  # one place knows what "triton" means per layer
 
     def set_attn_backend(self, backend):

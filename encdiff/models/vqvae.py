@@ -5,17 +5,15 @@
 factor the trainer measures); `decode(z)` quantises it first, as LDM's decode_first_stage does.
 """
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from encdiff.models.layers import group_norm, upsample2x
 
-def group_norm(channels, eps=1e-6):
-    # 32 groups as released; tiny test models whose width is not a multiple of 32 get fewer.
-    return nn.GroupNorm(math.gcd(32, channels), channels, eps=eps)
+
+GN_EPS = 1e-6  # the released autoencoder's (the U-Net's ResBlocks use 1e-5)
 
 
 class ResnetBlock(nn.Module):
@@ -23,9 +21,9 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, cin, cout, dropout=0.0):
         super().__init__()
-        self.norm1 = group_norm(cin)
+        self.norm1 = group_norm(cin, GN_EPS)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = group_norm(cout)
+        self.norm2 = group_norm(cout, GN_EPS)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
@@ -41,7 +39,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, GN_EPS)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -72,7 +70,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(upsample2x(x))
 
 
 def middle(channels, dropout):
@@ -94,7 +92,7 @@ class Encoder(nn.Module):
                 layers.append(Downsample(cin))
         self.down = nn.Sequential(*layers)
         self.mid = middle(cin, dropout)
-        self.norm_out = group_norm(cin)
+        self.norm_out = group_norm(cin, GN_EPS)
         self.conv_out = nn.Conv2d(cin, z_channels, 3, padding=1)
 
     def forward(self, x):
@@ -116,7 +114,7 @@ class Decoder(nn.Module):
             if level != 0:
                 layers.append(Upsample(cin))
         self.up = nn.Sequential(*layers)
-        self.norm_out = group_norm(cin)
+        self.norm_out = group_norm(cin, GN_EPS)
         self.conv_out = nn.Conv2d(cin, out_channels, 3, padding=1)
 
     def forward(self, z):
