@@ -132,19 +132,35 @@ class EMA:
         named = list(module.named_parameters())
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.avg = [p.detach().clone().float() for p in self.params]
+        self.avg = [p.detach().clone().float() for p in self.params]  # the parameters' strides
         self.max_decay = decay
-        self.one_minus_decay = torch.zeros((), device=self.params[0].device)
+        self.step_size = torch.zeros((), device=self.params[0].device)  # -(1 - decay)
+
+    @property
+    def one_minus_decay(self):
+        return -self.step_size
 
     def set_update(self, n):
         """The decay of the n-th update (n >= 1)."""
-        self.one_minus_decay.fill_(1.0 - min(self.max_decay, (1 + n) / (10 + n)))
+        self.step_size.fill_(min(self.max_decay, (1 + n) / (10 + n)) - 1.0)
 
     @torch.no_grad()
     def apply(self):
-        diff = torch._foreach_sub(self.avg, self.params)
-        torch._foreach_mul_(diff, self.one_minus_decay)
-        torch._foreach_sub_(self.avg, diff)
+        # avg -= (1 - decay) * (avg - param) in one multi-tensor pass: a plain SGD step on the average
+        # whose gradient is the parameters, with weight decay -1 (the gradient becomes param - avg) and
+        # step size -(1 - decay). Without grad_scale the fused SGD writes only the average.
+        torch._fused_sgd_(
+            self.avg,
+            self.params,
+            [],
+            weight_decay=-1.0,
+            momentum=0.0,
+            lr=self.step_size,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+            is_first_step=False,
+        )
 
     def state_dict(self):
         return dict(zip(self.names, self.avg))
@@ -436,8 +452,9 @@ class VQStep(Step):
 
     def prepare(self, start, stop=None, verbose=True):
         """DDP, compile, the CUDA graph (stop and verbose: as EncDiffStep.prepare's, nothing to poll)."""
-        model = self.with_low_precision_weights(self.model)
-        self.forward = compile_model(wrap_ddp(model, self.d), self.cfg.perf.compile)
+        self.forward = compile_model(
+            wrap_ddp(self.with_low_precision_weights(self.model), self.d), self.cfg.perf.compile
+        )
         gan = "vqvae.use_gan: the GAN's loss changes with the step and its adaptive weight needs eager autograd"
         refusal = graph_refusal(self.cfg, self.d, self.images, self.fused, gan if self.disc is not None else None)
         self.capture(start, refusal, "vqvae")

@@ -174,6 +174,23 @@ def test_ema_follows_ldm_litema_and_its_warmup():
         torch.testing.assert_close(avg, shadow[name], rtol=0, atol=1e-6)
 
 
+@pytest.mark.gpu
+def test_ema_is_one_fused_pass_on_cuda_that_leaves_the_weights_alone():
+    """CUDA's fused SGD kernel (the EMA's one pass) writes only the average: the weights stay."""
+    module = torch.nn.Linear(300, 200).cuda()
+    ema = steps.EMA(module, decay=0.9999)
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    before = [p.detach().clone() for p in module.parameters()]
+    shadow = [a.clone() for a in ema.avg]
+    ema.set_update(3)
+    ema.apply()
+    w = 1 - 4 / 13
+    for avg, s, p, b in zip(ema.avg, shadow, module.parameters(), before):
+        assert torch.equal(p, b)
+        torch.testing.assert_close(avg, s - w * (s - b), rtol=0, atol=1e-6)
+
+
 def test_batch_order_is_a_seeded_permutation_split_over_ranks():
     n, batch, world = 50, 8, 2
     orders = [
