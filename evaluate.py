@@ -166,7 +166,7 @@ def main(argv=None):
     cfg = trained.cfg
     names = requested or metric_names(cfg.eval.metrics)
     quick, seed = args.quick, cfg.eval.seed
-    runtime.set_tf32(trained.device, cfg.perf.tf32)
+    runtime.set_cuda_flags(trained.device, cfg.perf.tf32)
     score_amp = runtime.scoring_autocast(cfg, trained.device)  # the codes in eval.precision
     # a bad weights file fails here, before any long work
     inception = load_inception(cfg.eval.inception_path, trained.device) if cfg.eval.inception_path else None

@@ -456,7 +456,7 @@ def main(argv=None):
         )
     if cfg.vqvae.ckpt:
         artifacts.check_given_vq(cfg)
-    runtime.set_tf32(d.device, cfg.perf.tf32)
+    runtime.set_cuda_flags(d.device, cfg.perf.tf32)
     announce_plan(cfg, d)
     out_dir = Path(cfg.run.out_dir)
     if d.is_main:

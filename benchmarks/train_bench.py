@@ -31,7 +31,6 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from encdiff.config import ARCH_KEYS, build_config, split_args  # noqa: E402
 from encdiff.errors import UserError, exit_on_user_error  # noqa: E402
 from encdiff.images import uint8_to_model  # noqa: E402
 from encdiff.models.encdiff import build_encoder, build_unet, build_vq, count_params  # noqa: E402
-from encdiff.runtime import versions  # noqa: E402
+from encdiff.runtime import set_cuda_flags, versions  # noqa: E402
 from encdiff.steps import Window, build_step as build_stage_step  # noqa: E402
 
 STAGES = ("vqvae", "encdiff")
@@ -352,17 +351,6 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@contextmanager
-def tf32(enabled):
-    """TF32 matmuls and convolutions inside the block (what train.py sets for the whole run)."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 def release_memory(device):
     gc.collect()
     if device.type == "cuda":
@@ -377,18 +365,18 @@ def measure(cfg, stage, d, images, batch, warmup, steps, workers):
     release_memory(d.device)
     reset_peak_memory(d.device)
     feed = make_feed(cfg, d, images, batch, workers)
+    set_cuda_flags(d.device, cfg.perf.tf32)
     try:
-        with tf32(cfg.perf.tf32 and d.device.type == "cuda"):
-            step = stepper(stage, step_config(cfg, batch, d), d, images, feed)
-            t0 = clock(d.device)
-            loss = step(0)
-            first = clock(d.device) - t0
-            for i in range(1, warmup):
-                step(i)
-            t0 = clock(d.device)
-            for i in range(warmup, warmup + steps):
-                loss = step(i)
-            elapsed = clock(d.device) - t0
+        step = stepper(stage, step_config(cfg, batch, d), d, images, feed)
+        t0 = clock(d.device)
+        loss = step(0)
+        first = clock(d.device) - t0
+        for i in range(1, warmup):
+            step(i)
+        t0 = clock(d.device)
+        for i in range(warmup, warmup + steps):
+            loss = step(i)
+        elapsed = clock(d.device) - t0
     finally:
         if feed is not None:
             feed.close()
@@ -571,18 +559,18 @@ def run_profile(args, cfg, d, settings):
     report = {}
     for stage in args.stages:
         release_memory(d.device)
-        with tf32(cfg.perf.tf32 and on_cuda):
-            st = build_step(
-                stage, step_config(cfg, settings["batch"], d), d, images.to(d.device) if cfg.data.on_device else images
-            )
-            for i in range(settings["warmup"]):
-                st(i)
-            clock(d.device)
-            with profile(activities=activities) as prof:
-                for i in range(settings["warmup"], settings["warmup"] + settings["steps"]):
-                    with record_function(f"{step_profile.STEP_LABEL}{i}"):
-                        st(i)
-                    clock(d.device)
+        set_cuda_flags(d.device, cfg.perf.tf32)
+        st = build_step(
+            stage, step_config(cfg, settings["batch"], d), d, images.to(d.device) if cfg.data.on_device else images
+        )
+        for i in range(settings["warmup"]):
+            st(i)
+        clock(d.device)
+        with profile(activities=activities) as prof:
+            for i in range(settings["warmup"], settings["warmup"] + settings["steps"]):
+                with record_function(f"{step_profile.STEP_LABEL}{i}"):
+                    st(i)
+                clock(d.device)
         trace = Path(args.profile) / f"trace_{stage}.json"
         prof.export_chrome_trace(str(trace))
         rows, top = step_profile.summarize(prof.profiler.kineto_results.events(), on_cuda)

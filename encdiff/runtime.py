@@ -2,8 +2,8 @@
 
 device = pick_device(cfg.run.device)          # evaluate.py, benchmarks (train.py: dist.setup)
 prec = precision(cfg.perf.precision, device)  # "bf16" | "fp16" | "fp32"
-with autocast(prec, device): ...
-set_tf32(device, cfg.perf.tf32)
+with autocast(prec, device): ...              # LOW_DTYPES.get(prec): its dtype, None for fp32
+set_cuda_flags(device, cfg.perf.tf32)  # TF32, cuDNN autotuner
 versions()                                    # torch, triton, xformers, commit: for benchmark reports
 """
 
@@ -50,11 +50,14 @@ def scoring_autocast(cfg, device):
     return autocast(precision(cfg.eval.precision, device), device)
 
 
-def set_tf32(device, enabled):
-    """TF32 for matmuls and convolutions on CUDA, set both ways: cuDNN allows TF32 unless told otherwise."""
+def set_cuda_flags(device, tf32):
+    """On CUDA: TF32 for matmuls and convolutions, set both ways (cuDNN allows TF32 unless told
+    otherwise), and cuDNN's autotuner: shapes never change in a run, so each convolution is timed
+    once, during the first (warm-up) steps, before a CUDA graph is captured."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = True
 
 
 def versions():
