@@ -117,7 +117,7 @@ class EncDiffConfig:
 class PerfConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
     compile: str = "default"  # off | default | max-autotune-no-cudagraphs
-    channels_last: bool = True
+    channels_last: bool = False  # NCHW: CUDA's group_norm copies channels-last inputs (config.toml)
     attention: str = "auto"
     fused_adam: bool = True  # CUDA only
     tf32: bool = True

@@ -32,7 +32,7 @@ def test_cli_values_are_parsed_to_the_field_type():
     cfg = parse_args(
         [
             "--vqvae.betas=0.1,0.2",
-            "--perf.channels_last=false",
+            "--perf.channels_last=true",
             "--encdiff.channel_mult=[1,2]",
             "--encdiff.attention_levels=0,1",
             "--eval.metrics",
@@ -40,7 +40,7 @@ def test_cli_values_are_parsed_to_the_field_type():
             "--encdiff.dropout=0",
         ]
     )
-    assert cfg.vqvae.betas == [0.1, 0.2] and cfg.perf.channels_last is False
+    assert cfg.vqvae.betas == [0.1, 0.2] and cfg.perf.channels_last is True
     assert cfg.encdiff.channel_mult == [1, 2] and cfg.eval.metrics == ["dci", "mig"]
     assert isinstance(cfg.encdiff.dropout, float)
 
