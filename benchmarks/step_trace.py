@@ -305,6 +305,8 @@ def kind_of(name, args, out):
         return "multi-tensor"
     if "attention" in name or name.startswith("short_kv_attention"):
         return "attention"
+    if name == "nearest_code":
+        return "codebook search"
     if name == "_to_copy" and isinstance(out, torch.Tensor) and out.dtype != args[0].dtype:
         return "cast"
     return next((kind for kind, names in KINDS.items() if name in names), "pointwise")
@@ -341,6 +343,9 @@ def multi_tensor_launches(lists):
 def flops_of(func, name, args, kwargs, out):
     if func._overloadpacket in flop_registry:
         return flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+    if name == "nearest_code":  # per vector and code: C products, the sums, the comparison
+        (n, c), k = args[0].shape, args[1].shape[0]
+        return n * k * (2 * c + 3)
     if name.startswith("short_kv_attention"):  # the fused kernel: QK^T and PV; backward 5 such products
         q, k = args[1:3] if name.endswith("bwd") else args[:2]
         per = 2 * 2 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]

@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.reference import BackendUnavailable, check_inputs, reference_attention
+from kernels.reference import BackendUnavailable, check_inputs, nearest_code_reference, reference_attention
 
 try:
-    from kernels import cross_attention
+    from kernels import cross_attention, nearest_code as codes
 
     _TRITON_IMPORT_ERROR = None
 except ImportError as e:  # e.g. no triton wheel for this platform: the other backends still work
-    cross_attention = None
+    cross_attention = codes = None
     _TRITON_IMPORT_ERROR = f"triton is not importable ({e})"
 
 SDPA_PINS = {
@@ -224,3 +224,27 @@ def attention(q, k, v, heads, *, backend="auto"):
         if reason is not None:
             raise BackendUnavailable(f"attention backend {backend!r} cannot run: {reason}")
     return RUNS[backend](q, k, v, heads)
+
+
+# ----------------------------------------------------------------------------------------------
+# the nearest codebook entry
+
+
+def nearest_code(z, codebook, *, backend="auto"):
+    """argmin_k ||z_n - codebook_k||^2 for each row of z (N, C), codebook (K, C) -> (N,) int64, the
+    first index among equal distances. backend: "auto" (the Triton kernel on CUDA and meta tensors,
+    the reference elsewhere), "triton" or "torch" (kernels/reference.py). Invalid inputs raise
+    ValueError; a forced "triton" that cannot run here raises BackendUnavailable."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"nearest_code: backend {backend!r} is not auto, triton or torch")
+    reason = _TRITON_IMPORT_ERROR
+    if codes is not None:
+        codes.check_codes(z, codebook)
+        reason = codes.unsupported_reason(z, codebook)
+    if backend == "auto":
+        backend = "triton" if reason is None and z.device.type in ("cuda", "meta") else "torch"
+    if backend == "torch":
+        return nearest_code_reference(z, codebook)
+    if reason is not None:
+        raise BackendUnavailable(f"nearest_code's kernel cannot run: {reason}")
+    return torch.ops.kernels.nearest_code(z, codebook)

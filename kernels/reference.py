@@ -1,6 +1,6 @@
-"""What attention means here: the input contract every backend shares, the error a backend that
-cannot run raises, and the plain PyTorch definition every backend is tested against. Imports
-without Triton, so kernels/cross_attention.py and kernels/dispatch.py can both use it."""
+"""What the kernels compute: the plain PyTorch definitions every backend is tested against
+(attention, the nearest codebook entry), attention's input contract, and the error a backend that
+cannot run raises. Imports without Triton, so the kernels and kernels/dispatch.py can all use it."""
 
 import torch
 
@@ -39,3 +39,11 @@ def reference_attention(q, k, v, heads):
     w = torch.softmax(qh @ kh.transpose(-1, -2) * d**-0.5, dim=-1)  # (B, H, Lq, Lk)
     o = w @ vh  # (B, H, Lq, d)
     return o.transpose(1, 2).reshape(B, Lq, C).to(q.dtype)  # (B, Lq, heads*d)
+
+
+def nearest_code_reference(z, codebook):
+    """argmin_k ||z_n - codebook_k||^2 per row of z (N, C), in fp32 as |z|^2 - 2 z.e + |e|^2 (an
+    N x K matrix), the first index among equal distances -> (N,) int64."""
+    zf, e = z.float(), codebook.float()
+    dist2 = zf.pow(2).sum(1, keepdim=True) - 2 * zf @ e.t() + e.pow(2).sum(1)  # (N, K)
+    return dist2.argmin(1)

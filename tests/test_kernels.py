@@ -349,3 +349,79 @@ def test_gpu_inductor_compiles_the_fused_kernel():
     want = (o, *torch.autograd.grad(o.float().square().sum(), (qkv, kv)))
     for name, x, r in zip(("o", "d qkv", "d kv"), got, want):
         assert_close(name, x, r.double(), torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# the nearest codebook entry (kernels/nearest_code.py)
+
+
+def codes_inputs(N, K, C, seed, device=DEVICE, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, C, generator=g).to(device, dtype), torch.randn(K, C, generator=g).to(device, dtype)
+
+
+@pytest.mark.parametrize("N,K,C", [(1, 1, 3), (300, 100, 3), (129, 2048, 3), (70, 65, 16)])
+def test_nearest_code_kernel_matches_the_reference(N, K, C):
+    """Ragged N and K (not multiples of the blocks), the released 2,048 x 3 codebook, 16 channels."""
+    z, e = codes_inputs(N, K, C, seed=N + K)
+    got = kernels.nearest_code(z, e, backend="triton")
+    assert got.dtype == torch.int64 and got.shape == (N,)
+    assert torch.equal(got.cpu(), kernels.nearest_code_reference(z, e).cpu())
+
+
+def test_nearest_code_breaks_ties_as_argmin():
+    """Exactly equal distances (small integers, exact in fp32): the lowest index, also across blocks
+    of the codebook (entries 3, 70 and 130 are one vector)."""
+    e = torch.randint(-4, 5, (150, 3)).float()
+    e[70] = e[3]
+    e[130] = e[3]
+    z = torch.cat([e[3:4], e[3:4] + 0.5, torch.randint(-4, 5, (64, 3)).float()]).to(DEVICE)
+    e = e.to(DEVICE)
+    got = kernels.nearest_code(z, e, backend="triton")
+    assert got[0].item() == 3
+    assert torch.equal(got.cpu(), kernels.nearest_code_reference(z, e).cpu())
+    assert torch.equal(kernels.nearest_code_reference(z, e).cpu(), torch.cdist(z, e).argmin(1).cpu())
+
+
+def test_nearest_code_reads_strided_and_half_precision_inputs():
+    z, e = codes_inputs(90, 40, 6, seed=3)
+    wide = torch.cat([z, z], 1)[:, ::2]  # (90, 6) with row stride 12, column stride 2
+    assert torch.equal(kernels.nearest_code(wide, e, backend="triton"), kernels.nearest_code_reference(wide, e))
+    z16, e16 = z.bfloat16(), e.bfloat16()
+    assert torch.equal(kernels.nearest_code(z16, e16, backend="triton"), kernels.nearest_code_reference(z16, e16))
+
+
+def test_nearest_code_dispatch_and_bad_inputs():
+    z, e = codes_inputs(8, 5, 3, seed=0, device="cpu")
+    assert torch.equal(kernels.nearest_code(z, e), kernels.nearest_code_reference(z, e))  # auto: the reference on CPU
+    meta = kernels.nearest_code(z.to("meta"), e.to("meta"))  # auto: the kernel's shapes on meta tensors
+    assert meta.shape == (8,) and meta.dtype == torch.int64
+    for bad, match in (((z[0], e), "expects"), ((z, e[:, :2]), "expects"), ((z.long(), e), "bf16"),
+                       ((z, e[:0]), "K >= 1")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            kernels.nearest_code(*bad)
+    with pytest.raises(ValueError, match="backend"):
+        kernels.nearest_code(z, e, backend="cuda")
+    with pytest.raises(BackendUnavailable, match="channels"):
+        kernels.nearest_code(torch.randn(4, 17), torch.randn(3, 17), backend="triton")
+
+
+def test_nearest_code_compiles_as_one_opaque_op():
+    torch._dynamo.reset()
+    z, e = codes_inputs(50, 30, 3, seed=1)
+    got = torch.compile(lambda a, b: kernels.nearest_code(a, b, backend="triton"), fullgraph=True, backend="aot_eager")(
+        z, e
+    )
+    assert torch.equal(got.cpu(), kernels.nearest_code_reference(z, e).cpu())
+
+
+@pytest.mark.gpu
+def test_gpu_nearest_code_at_the_released_size():
+    z, e = codes_inputs(256 * 256, 2048, 3, seed=5, device="cuda")
+    got, want = kernels.nearest_code(z, e), kernels.nearest_code_reference(z, e)
+    # TF32 or a fused multiply-add may round a near-tie the other way: nearly every index agrees,
+    # and where one differs the two distances are equal to fp32 rounding
+    differ = (got != want).nonzero().flatten()
+    assert len(differ) <= 10
+    d = lambda idx: (z[differ] - e[idx[differ]]).double().square().sum(1)  # noqa: E731
+    torch.testing.assert_close(d(got), d(want), rtol=1e-5, atol=1e-6)

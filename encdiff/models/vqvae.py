@@ -10,6 +10,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 from encdiff.models.layers import group_norm, upsample2x
 
 
@@ -158,8 +160,7 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(z.device.type, enabled=False):
             zf = z.float().permute(0, 2, 3, 1).reshape(-1, C)  # (BHW, C)
             e = self.codebook.weight.float()  # (K, C)
-            dist2 = zf.pow(2).sum(1, keepdim=True) - 2 * zf @ e.t() + e.pow(2).sum(1)  # (BHW, K)
-            idx = dist2.argmin(1)  # (BHW,)
+            idx = kernels.nearest_code(zf, e)  # (BHW,); on CUDA without the (BHW, K) distance matrix
             if self.ema and self.training:
                 self._ema_update(zf.detach(), idx)
                 e = self.codebook.weight.float()
