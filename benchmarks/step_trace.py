@@ -719,7 +719,8 @@ def parse_args(argv):
         "(real CPU tensors at this batch)",
     )
     args = p.parse_args(rest)
-    args.batch = args.batch or (128 if args.stage == "encdiff" else 256)
+    if args.batch is None:
+        args.batch = 128 if args.stage == "encdiff" else 256
     if args.batch < 1 or args.top < 0 or (args.numerics is not None and args.numerics < 1):
         raise UserError("--batch and --numerics must be >= 1, --top >= 0")
     if args.json and not Path(args.json).resolve().parent.is_dir():
