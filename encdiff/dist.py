@@ -116,6 +116,15 @@ def broadcast_object(obj, src=0):
     return obj
 
 
+def all_gather_object(obj):
+    """[rank 0's obj, rank 1's, ...]; [obj] without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import kernels
 from encdiff import dist, runtime
+from encdiff.graphs import Graphed, Snapshot, capture_on_every_rank
 from encdiff.images import uint8_to_model
 from encdiff.low_precision import LowPrecisionWeights
 from encdiff.models.encdiff import EncDiff, build_diffusion, build_encoder, build_unet, build_vq
@@ -258,78 +259,6 @@ NO_BUFFER_SYNC = (
 )
 
 
-# ---------------------------------------------------------------------------------------------
-# the CUDA graph
-
-
-def optimizer_state(opt):
-    """The optimiser's state tensors (moments, step counts) in a fixed order; [] before its first step."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    return [v for p in params for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]
-
-
-class Snapshot:
-    """What a few updates change, kept so that they can be undone: tensors() (weights, buffers, EMA,
-    the guard's), the optimisers' state and the generators'."""
-
-    def __init__(self, tensors, optimizers, generators):
-        self.tensors, self.optimizers, self.generators = tensors, optimizers, generators
-        self.saved = [t.detach().clone() for t in tensors()]
-        self.saved_optimizers = [[t.detach().clone() for t in optimizer_state(opt)] for opt in optimizers]
-        self.rng = [g.get_state() for g in generators]
-
-    @torch.no_grad()
-    def restore(self):
-        for t, s in zip(self.tensors(), self.saved, strict=True):
-            t.copy_(s)
-        for opt, before in zip(self.optimizers, self.saved_optimizers):
-            now = optimizer_state(opt)
-            if not before:  # a fresh Adam: its state starts at zero (step 0, zero moments)
-                for t in now:
-                    t.zero_()
-            for t, s in zip(now, before, strict=bool(before)):
-                t.copy_(s)
-        for g, s in zip(self.generators, self.rng):
-            g.set_state(s)
-
-
-class Graphed:
-    """Records `body()` once in a CUDA graph and replays it.
-
-    Before the capture `body` runs eagerly a few times on a side stream (allocator, cuDNN, DDP's
-    buckets and torch.compile settle there); everything those steps changed is then put back
-    (Snapshot), so the first real update is the first replay and a run trains exactly as if the
-    warm-up never happened. A replay fills the same output tensors again."""
-
-    def __init__(self, body, snapshot, own_generators, warmup):
-        """own_generators: the generators body draws from besides the device's default one, which
-        the graph must be told about (the default one it knows)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                body()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        for g in own_generators:
-            self.graph.register_generator_state(g)
-        for opt in snapshot.optimizers:  # the fused kernel is the same either way; the flag passes step()'s check
-            for group in opt.param_groups:
-                group["capturable"] = True
-        try:
-            with torch.cuda.graph(self.graph):
-                self.out = body()
-        finally:
-            for opt in snapshot.optimizers:
-                for group in opt.param_groups:
-                    group["capturable"] = False
-            snapshot.restore()
-
-    def replay(self):
-        self.graph.replay()
-        return self.out
-
-
 def graph_refusal(cfg, d, images, fused, extra=None):
     """Why this step cannot be captured, or None."""
     if not cfg.perf.cuda_graph:
@@ -374,14 +303,12 @@ class Step:
         self.set_inputs(start)
         warmup = WARMUP_STEPS_DDP if self.d.enabled else WARMUP_STEPS
         snapshot = Snapshot(self.mutable_tensors, self.optimizers(), self.generators())
-        try:
-            self.graph = Graphed(self.body, snapshot, self.own_generators(), warmup)
-        except RuntimeError as e:  # an op that cannot be captured: train eagerly instead
-            snapshot.restore()
-            self.graph = None
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            dist.print0(f"{label}: no CUDA graph (capture failed: {first[:200]}); the update runs eagerly")
+        graphed = Graphed(self.body, self.own_generators(), self.optimizers())
+        reason = capture_on_every_rank(graphed, snapshot, warmup, self.d)
+        if reason is not None:
+            dist.print0(f"{label}: no CUDA graph (capture failed: {reason}); every rank runs the update eagerly")
             return
+        self.graph = graphed
         dist.print0(f"{label}: the update is one CUDA graph ({warmup} warm-up steps, then replays)")
 
     def with_low_precision_weights(self, model):

@@ -4,6 +4,12 @@ Why: the concept encoder's BatchNorm would otherwise normalise each rank's shard
 on N GPUs would train a different model than one GPU with the same global batch. torch's
 nn.SyncBatchNorm runs on CUDA only; this one runs on NCCL and gloo alike (CPU tests use gloo).
 Outside a process group, or in eval mode, it is a plain BatchNorm2d.
+
+Inside the captured update (encdiff/graphs.py) and under torch.compile: the forward and backward
+each issue one all-reduce of a fixed-size tensor and nothing reads a value back on the host (the
+momentum is a Python number), so the collectives are recorded like DDP's own; torch.compile traces
+both without a graph break and computes what eager does (tests/test_sync_bn.py, 2 gloo ranks). The
+recording itself needs two GPUs and has not run yet.
 """
 
 import torch

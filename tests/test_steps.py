@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from encdiff import artifacts, dist, steps
+from encdiff import artifacts, dist, graphs, steps
 from encdiff import checkpoint as ckpt
 from encdiff.config import parse_args
 from encdiff.data import load_all, open_dataset
@@ -237,7 +237,7 @@ def test_the_capture_warmup_is_undone_exactly(tiny_data, stage, steps_before):
         for i in range(steps_before):
             st(i)
         if warmup:
-            snapshot = steps.Snapshot(st.mutable_tensors, st.optimizers(), st.own_generators())
+            snapshot = graphs.Snapshot(st.mutable_tensors, st.optimizers(), st.own_generators())
             for _ in range(3):
                 st(steps_before)
             snapshot.restore()
@@ -248,7 +248,7 @@ def test_the_capture_warmup_is_undone_exactly(tiny_data, stage, steps_before):
     a, b = trained(False), trained(True)
     for x, y in zip(a.mutable_tensors(), b.mutable_tensors(), strict=True):
         assert torch.equal(x, y)
-    for x, y in zip(steps.optimizer_state(a.opt), steps.optimizer_state(b.opt), strict=True):
+    for x, y in zip(graphs.optimizer_state(a.opt), graphs.optimizer_state(b.opt), strict=True):
         assert torch.equal(x, y)
 
 

@@ -64,3 +64,44 @@ def test_is_plain_batchnorm_without_process_group():
     ref = nn.BatchNorm2d(4)
     x = torch.randn(6, 4, 3, 3)
     assert torch.allclose(bn(x), ref(x))
+
+
+def _compiled_worker(rank, world, init_file, q):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    eager = convert_to_global_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
+    compiled = convert_to_global_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
+    compiled.load_state_dict(eager.state_dict())
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(rank))
+    results = []
+    for model, run in ((eager, eager), (compiled, torch.compile(compiled, fullgraph=True, backend="aot_eager"))):
+        xi = x.clone().requires_grad_(True)
+        y = run(xi)
+        y.square().sum().backward()
+        results.append([y.detach(), xi.grad, model[1].weight.grad, model[1].running_mean, model[1].running_var])
+    q.put((rank, [bool(torch.allclose(a, b, atol=1e-5)) for a, b in zip(*results)]))
+    q.close()
+    q.join_thread()
+    dist.destroy_process_group()
+
+
+def test_compiled_global_batchnorm_has_no_graph_break_and_equals_eager(tmp_path):
+    """torch.compile(fullgraph=True) traces both all-reduces (the statistics' and their gradient's)
+    on 2 gloo ranks: outputs, input and weight gradients and running statistics equal eager's."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_compiled_worker, args=(r, 2, tmp_path / "init", q), daemon=True) for r in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        out = [q.get(timeout=180) for _ in range(2)]
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    for rank, same in out:
+        assert all(same), (rank, same)
