@@ -4,7 +4,7 @@
     python benchmarks/train_bench.py --quick --json out.json        # few steps; on the CPU the small model
     python benchmarks/train_bench.py --batch 512 --stages encdiff --configs baseline,bf16,all
     python benchmarks/train_bench.py --small --encdiff.model_channels=32     # config overrides, as train.py
-    python benchmarks/train_bench.py --small --skip "compile default,compile max-autotune-no-cudagraphs"
+    python benchmarks/train_bench.py --small --skip "compile default,compile blocks,compile max-autotune-no-cudagraphs"
     torchrun --nproc_per_node=8 benchmarks/train_bench.py --scaling          # images/s per rank, 1 vs 8 ranks
 
 For stage 1 (VQ autoencoder) and stage 2 (concept encoder + latent U-Net) at one per-GPU batch:
@@ -68,8 +68,9 @@ BASELINE = {
 SWITCHES = {  # row name -> what it changes from the baseline
     "bf16": {"perf.precision": "bf16"},
     "channels_last": {"perf.channels_last": True},
-    "compile default": {"perf.compile": "default"},
-    "compile max-autotune-no-cudagraphs": {"perf.compile": "max-autotune-no-cudagraphs"},
+    "compile default": {"perf.compile": "default", "perf.compile_scope": "model"},
+    "compile blocks": {"perf.compile": "default", "perf.compile_scope": "blocks"},
+    "compile max-autotune-no-cudagraphs": {"perf.compile": "max-autotune-no-cudagraphs", "perf.compile_scope": "model"},
     "attention auto": {"perf.attention": "auto"},
     "attention triton": {"perf.attention": "triton"},
     "attention sdpa": {"perf.attention": "sdpa"},
@@ -103,6 +104,7 @@ RUN_ORDER = (
     "all + channels_last",
     *[n for n in SWITCHES if not n.startswith("compile")],
     "compile default",
+    "compile blocks",
     "compile max-autotune-no-cudagraphs",
 )
 STAGE2_ONLY = {
@@ -225,7 +227,7 @@ def known_skip(name, stage, device, args):
         return "skipped", "the Triton kernel runs on the CPU only through its interpreter (tests, not timing)"
     if quick and name == "compile max-autotune-no-cudagraphs":
         return "skipped", "--quick: autotuning takes minutes (run without --quick)"
-    if quick and on_cpu and name == "compile default":
+    if quick and on_cpu and name in ("compile default", "compile blocks"):
         return "skipped", "--quick on the CPU: Inductor's C++ build takes minutes (run without --quick)"
     return None
 

@@ -27,6 +27,7 @@ STAGES = ("vqvae", "encdiff")
 DATASET_NAMES = ("synth3d", "shapes3d", "mpi3d", "cars3d", "dsprites", "h5", "celeba", "imagefolder")
 ATTENTION_BACKENDS = ("auto", *kernels.BACKENDS)
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("blocks", "model")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 METRIC_NAMES = ("factor_vae", "dci", "mig", "sap", "beta_vae", "modularity_explicitness")
 
@@ -117,6 +118,7 @@ class EncDiffConfig:
 class PerfConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
     compile: str = "default"  # off | default | max-autotune-no-cudagraphs
+    compile_scope: str = "model"  # model: the whole model in one graph | blocks: each repeated block once per shape
     channels_last: bool = False  # NCHW: CUDA's group_norm copies channels-last inputs (config.toml)
     attention: str = "auto"
     fused_adam: bool = True  # CUDA only
@@ -415,6 +417,7 @@ def validate(cfg, sources=None):
     _check(0 <= e.t_power < math.inf, "encdiff.t_power", f"must be a number >= 0; got {e.t_power}")
     _one_of(p.precision, PRECISIONS, "perf.precision")
     _one_of(p.compile, COMPILE_MODES, "perf.compile")
+    _one_of(p.compile_scope, COMPILE_SCOPES, "perf.compile_scope")
     _one_of(p.attention, ATTENTION_BACKENDS, "perf.attention")
     _check(
         all(m in METRIC_NAMES for m in ev.metrics),

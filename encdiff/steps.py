@@ -32,6 +32,9 @@ from encdiff.graphs import Graphed, Snapshot, capture_on_every_rank
 from encdiff.images import uint8_to_model
 from encdiff.low_precision import LowPrecisionWeights
 from encdiff.models.encdiff import EncDiff, build_diffusion, build_encoder, build_unet, build_vq
+from encdiff.models.encoder import ConceptEncoder
+from encdiff.models.unet import ResBlock, SpatialTransformer
+from encdiff.models.vqvae import AttnBlock, ResnetBlock
 from encdiff.models.vq_loss import VQLoss
 from encdiff.sync_bn import convert_to_global_bn
 
@@ -231,10 +234,26 @@ def make_optimizer(cls, params, lr, betas, fused, **kw):
     return cls(params, lr=lr, betas=tuple(betas), fused=fused, **kw)
 
 
-def compile_model(model, mode):
+# What perf.compile_scope = "blocks" compiles: the blocks the models repeat. Each is compiled once
+# per distinct shape and reused by every block of that shape (RESULTS.md, "The step's budget", has
+# the compile times of both scopes).
+COMPILE_BLOCKS = (ResBlock, SpatialTransformer, ConceptEncoder, ResnetBlock, AttnBlock)
+BLOCK_SHAPES = 64  # compiled versions each block's code may keep (dynamo's default, 8, is too few)
+
+
+def compile_model(model, mode, scope="model"):
+    """model compiled by torch.compile in `mode` (perf.compile), as one graph (scope "model") or
+    block by block in place (scope "blocks": the returned model is the given one)."""
     if mode == "off":
         return model
-    return torch.compile(model, mode=None if mode == "default" else mode)
+    mode = None if mode == "default" else mode
+    if scope == "model":
+        return torch.compile(model, mode=mode)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, BLOCK_SHAPES)
+    for block in model.modules():
+        if isinstance(block, COMPILE_BLOCKS):
+            block.compile(mode=mode, dynamic=False)
+    return model
 
 
 def wrap_ddp(model, d, **kw):
@@ -496,7 +515,7 @@ class EncDiffStep(Step):
                 dist.print0(f"encdiff: latent scale factor {self.scale.item():.4f}")
         model = self.with_low_precision_weights(self.model)
         ddp = wrap_ddp(model, self.d, static_graph=True, gradient_as_bucket_view=True, **NO_BUFFER_SYNC)
-        self.forward = compile_model(ddp, self.cfg.perf.compile)
+        self.forward = compile_model(ddp, self.cfg.perf.compile, self.cfg.perf.compile_scope)
         self.capture(start, graph_refusal(self.cfg, self.d, self.images, self.fused), "encdiff")
 
     def latents_of(self, idx, x=None):

@@ -332,3 +332,15 @@ def test_train_py_with_the_graph_skips_a_nonfinite_step(tmp_path, tiny_data, mon
 
     log = [json.loads(line) for line in (out / "encdiff" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["skipped_nonfinite"] == 1 and np.isfinite(log[-1]["loss"])
+
+
+def test_compile_blocks_compiles_each_repeated_block_in_place(tiny_data):
+    """perf.compile_scope = "blocks": every ResBlock, SpatialTransformer and the concept encoder is
+    compiled in place (compiled at its first call); the model is not wrapped."""
+    cfg = tiny_config(tiny_data)
+    st = stage_steps(cfg, dataset_tensor(cfg))["encdiff"]
+    model = st.model
+    assert steps.compile_model(model, "default", "blocks") is model
+    compiled = {type(m).__name__ for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None}
+    assert compiled == {"ResBlock", "SpatialTransformer", "ConceptEncoder"}
+    assert not isinstance(steps.compile_model(model, "default", "model"), type(model))
