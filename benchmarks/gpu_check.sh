@@ -14,12 +14,13 @@
 #   gpu_tests    pytest -m gpu
 #   attn_bench   benchmarks/attn_bench.py --quick                                -> attn_bench.json
 #   train_bench  benchmarks/train_bench.py, default model, batch 128: every eager switch of both
-#                stages (compiled rows left out)                                 -> train_bench.json
-#   profile      train_bench.py --profile of both stages, batch 128, compile off: the update eager
-#                (perf.cuda_graph = false, the step before the graph) and as one CUDA graph
-#                                                                                -> profile.json
-#   train_bench_all  stage 2 baseline and "all" (torch.compile: ~3 min to the first step on an H200)
-#                                                                                -> train_bench_all.json
+#                stages (compiled rows left out), as far as its budget goes         -> train_bench.json
+#   profile      train_bench.py --profile, compile off, stage 2 at per-GPU batch 128 and 1024 and
+#                stage 1 at 256: the update eager (perf.cuda_graph = false) and as one CUDA graph
+#                (wall ms, kernels, GPU-busy ms per step), beside benchmarks/step_trace.py's
+#                prediction of the same update                                   -> profile.json
+#   train_bench_all  stage 2 "all" (torch.compile and the CUDA graph; the first step is the compile
+#                time) at batch 1024, then baseline and "all" at 128             -> train_bench_all.json
 #   data         the small grid of the bundled data (python -m encdiff.data.synth --grid small)
 #   train        train.py, the default recipe less torch.compile, 60 + 60 steps, on that data (the CUDA
 #                graph, the live metrics every 30 steps)
@@ -126,25 +127,55 @@ part_train_bench() {
     --configs "$EAGER_ROWS" --budget $((PART_BUDGET - 10)) --json "$OUT_DIR/train_bench.json" $GPU_CHECK_BENCH_ARGS
 }
 
+PROFILES="encdiff:128 encdiff:1024 vqvae:256"  # stage:per-GPU batch, the step budget's settings
+export PROFILES
+
 part_profile() {
-  # the update eager (perf.cuda_graph = false: the step before the graph), then captured; compile off
-  # (its cost is train_bench_all's); both reports go into one file (at most 8 files come back)
-  local mode
-  for mode in eager graph; do
-    # shellcheck disable=SC2086
-    run "$PY" benchmarks/train_bench.py --profile "$WORK/profile_$mode" --stages encdiff,vqvae --batch 128 \
-      --warmup 3 --steps 3 --perf.compile=off --perf.cuda_graph="$([ $mode = graph ] && echo true || echo false)" \
-      --json "$WORK/profile_$mode.json" $GPU_CHECK_BENCH_ARGS || return 1
+  # each setting's update eager (perf.cuda_graph = false) and as one CUDA graph, compile off (its
+  # cost is train_bench_all's), beside benchmarks/step_trace.py's prediction of the same update;
+  # all of it goes into profile.json (at most 8 files come back)
+  local spec stage batch mode
+  for spec in $PROFILES; do
+    stage=${spec%%:*} batch=${spec##*:}
+    for mode in eager graph; do
+      # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS holds several arguments on purpose
+      run "$PY" benchmarks/train_bench.py --profile "$WORK/profile_${stage}_${batch}_$mode" --stages "$stage" \
+        --batch "$batch" --warmup 3 --steps 3 --perf.compile=off \
+        --perf.cuda_graph="$([ $mode = graph ] && echo true || echo false)" \
+        --json "$WORK/profile_${stage}_${batch}_$mode.json" $GPU_CHECK_BENCH_ARGS || return 1
+    done
+    run "$PY" benchmarks/step_trace.py --stage "$stage" --batch "$batch" --top 5 \
+      --json "$WORK/trace_${stage}_${batch}.json" || return 1
   done
-  run "$PY" -c 'import json, sys; json.dump({m: json.load(open(f"{sys.argv[1]}/profile_{m}.json")) for m in ("eager", "graph")}, open(sys.argv[2], "w"), indent=1)' \
-    "$WORK" "$OUT_DIR/profile.json"
+  run "$PY" -c '
+import json, os, sys
+work, report = sys.argv[1], {}
+for spec in os.environ["PROFILES"].split():
+    stage, batch = spec.split(":")
+    files = {"eager": "profile_{}_{}_eager", "graph": "profile_{}_{}_graph", "predicted": "trace_{}_{}"}
+    report[spec] = {key: json.load(open(f"{work}/{name.format(stage, batch)}.json")) for key, name in files.items()}
+json.dump(report, open(sys.argv[2], "w"), indent=1)' "$WORK" "$OUT_DIR/profile.json"
 }
 
 part_train_bench_all() {
-  # the headline row: every switch, torch.compile included (its first step is the compile time)
+  # the headline rows: every switch, torch.compile and the CUDA graph included (the first step is
+  # the compile time): stage 2 at per-GPU batch 1024 (the 20,000 img/s target), then at 128 beside
+  # its own baseline (the 10x target) with what is left; both tables go into one file
+  local t0=$SECONDS
+  # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS holds several arguments on purpose
+  run "$PY" benchmarks/train_bench.py --quick --stages encdiff --batch 1024 --configs all \
+    --json "$WORK/train_bench_all_1024.json" $GPU_CHECK_BENCH_ARGS || return 1
   # shellcheck disable=SC2086
   run "$PY" benchmarks/train_bench.py --quick --stages encdiff --batch 128 --configs "baseline,all" \
-    --json "$OUT_DIR/train_bench_all.json" $GPU_CHECK_BENCH_ARGS
+    --budget $((PART_BUDGET - (SECONDS - t0) - 120)) --json "$WORK/train_bench_all_128.json" $GPU_CHECK_BENCH_ARGS
+  local rc=$?
+  run "$PY" -c '
+import json, os, sys
+work = sys.argv[1]
+found = {b: f"{work}/train_bench_all_{b}.json" for b in ("1024", "128")}
+json.dump({b: json.load(open(f)) for b, f in found.items() if os.path.exists(f)}, open(sys.argv[2], "w"), indent=1)' \
+    "$WORK" "$OUT_DIR/train_bench_all.json"
+  return $rc
 }
 
 part_data() {
@@ -234,8 +265,8 @@ if [ "$GPU_CHECK_DRY" = 0 ] && [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ] && ! "$PY" -
 else
   part gpu_tests 50
   part attn_bench 40
-  part train_bench 55
-  part profile 45
+  part train_bench 30
+  part profile 80
   part train_bench_all 180
   part data 5
   if [ "$(status_of data)" = ok ]; then part train 35; else skip train "no data (the data part did not pass)"; fi
@@ -261,12 +292,16 @@ result_of() {  # one line of what a part found, read from its log and files
     train_bench) grep -cE '^ *(encdiff|vqvae) \| .* img/s' "$log" | sed 's/$/ eager rows measured (the tables are in train_bench.json)/' ;;
     profile) [ -f "$OUT_DIR/profile.json" ] && "$PY" -c '
 import json, sys
-p, out = json.load(open(sys.argv[1])), []
-for s in p["eager"]["profile"]:
-    e, g = (sum(r["wall_ms"] for r in p[m]["profile"][s]["steps"]) / len(p[m]["profile"][s]["steps"]) for m in ("eager", "graph"))
-    out.append(f"{s}: {e:.1f} ms/step eager, {g:.1f} ms graphed")
+out = []
+for spec, r in json.load(open(sys.argv[1])).items():
+    stage = spec.split(":")[0]
+    steps = {m: r[m]["profile"][stage]["steps"] for m in ("eager", "graph")}
+    ms = {m: sum(x["wall_ms"] for x in s) / len(s) for m, s in steps.items()}
+    kernels = sum(x["kernels"] for x in steps["graph"]) / len(steps["graph"])
+    predicted = r["predicted"]["totals"]["launches"]
+    out.append("{} {:.1f} ms graphed ({:.1f} eager), {:,.0f} kernels (predicted {:,})".format(spec, ms["graph"], ms["eager"], kernels, predicted))
 print("; ".join(out))' "$OUT_DIR/profile.json" 2>/dev/null ;;
-    train_bench_all) grep -E '^target: ' "$log" | tail -n1 ;;
+    train_bench_all) grep -E '^target: ' "$log" | cut -c9- | paste -sd ';' - ;;
     data) grep '^wrote ' "$log" | tail -n1 ;;
     train) [ -f "$WORK/run/encdiff/log.jsonl" ] && "$PY" -c '
 import json, sys
@@ -290,7 +325,7 @@ FAILED=0
   echo "| part | status | seconds | limit s | result |"
   echo "|---|---|---:|---:|---|"
   for i in "${!NAMES[@]}"; do
-    result="$(result_of "${NAMES[$i]}" | head -n1 | tr '|' '/' | cut -c1-160)"
+    result="$(result_of "${NAMES[$i]}" | head -n1 | tr '|' '/' | cut -c1-320)"
     echo "| ${NAMES[$i]} | ${STATUS[$i]} | ${TOOK[$i]} | ${LIMITS[$i]} | ${result:--} |"
   done
 } >"$OUT_DIR/summary.md"
