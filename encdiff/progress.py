@@ -22,7 +22,6 @@ import torch
 
 from encdiff import runtime
 from encdiff.images import uint8_to_model
-from encdiff.metrics import compute_all
 
 HEADLINE = {
     "factor_vae": "eval_accuracy",
@@ -54,6 +53,8 @@ def encode_codes(encoder, images, device, amp, channels_last=False, batch=ENCODE
 
 def score(codes, factor_sizes, metrics, seed):
     """The quick metrics of codes (what the background process runs)."""
+    from encdiff.metrics import compute_all  # here: scikit-learn is a second of the trainer's start-up
+
     return compute_all(codes, factor_sizes, metrics, seed=seed, quick=True, n_jobs=1)
 
 

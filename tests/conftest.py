@@ -1,13 +1,49 @@
-import os
+"""What the tests share: the tiny model and data, train.py run in a subprocess or in this process,
+one straight tiny run for every test that compares with it, and the CPU setup.
 
+    from conftest import ROOT, TINY, run_train, final, train_error   # helpers
+    def test_x(tiny_data, straight): ...                             # fixtures (session-wide)
+"""
+
+import importlib.util
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 # Triton kernels run on the CPU through its interpreter; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = [ROOT / "config.toml", ROOT / "configs" / "smoke.toml"]
+TINY = [  # a tiny model on a tiny generic-h5 dataset: seconds per run
+    "--config",
+    str(ROOT / "config.toml"),
+    "--config",
+    str(ROOT / "configs" / "smoke.toml"),
+    "--vqvae.steps=4",
+    "--encdiff.steps=6",
+    "--run.ckpt_every=3",
+    "--run.log_every=2",
+    "--run.image_every=4",
+    "--vqvae.ch_mult=[1,1,2]",
+    "--vqvae.n_embed=32",
+    "--encdiff.model_channels=32",
+    "--encdiff.channel_mult=[1,2]",
+    "--encdiff.encoder_ch=16",
+    "--eval.batch_size=32",
+]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -17,3 +53,131 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def write_tiny_h5(path, sizes=(4, 4, 4)):
+    """Smooth random 64x64 images in the generic ground-truth format."""
+    n = math.prod(sizes)
+    rs = np.random.RandomState(0)
+    small = rs.randint(0, 256, size=(n, 8, 8, 3)).astype(np.uint8)
+    images = small.repeat(8, axis=1).repeat(8, axis=2)  # (n, 64, 64, 3)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=images)
+        f.attrs["factor_sizes"] = np.array(sizes)
+        f.attrs["factor_names"] = [f"f{i}" for i in range(len(sizes))]
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    return write_tiny_h5(tmp_path_factory.mktemp("data") / "tiny.h5")
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py
+
+
+def train_args(out_dir, data, *extra):
+    return [*TINY, f"--run.out_dir={out_dir}", "--data.name=h5", f"--data.path={data}", *extra]
+
+
+def run_train(out_dir, data, *extra, nproc=1, check=True):
+    """train.py (under torchrun with nproc > 1) on TINY in a subprocess, one thread per process."""
+    args = train_args(out_dir, data, *extra)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(ROOT / "train.py"),
+            *args,
+        ]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def train_error(*argv):
+    """The message train.py stops with before any work, run in this process (what a user sees after
+    'error: '; tests/test_train.py checks once, in a subprocess, that it is one line with exit 2).
+    Fails the test when train.py does not stop that way."""
+    import train
+    from encdiff.errors import UserError
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(UserError) as e:
+            train.main(list(map(str, argv)))
+    finally:
+        for s, h in handlers.items():  # train.py installs its stop handlers first
+            signal.signal(s, h)
+    message = str(e.value)
+    assert "\n" not in message, message
+    return message
+
+
+def train_in_process(*argv):
+    """train.py's main in this process (for runs that train nothing: a finished run, a rerun) ->
+    its exit status; what it prints goes to pytest's capture."""
+    import train
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return train.main(list(map(str, argv)))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def final(out_dir, stage):
+    files = sorted((Path(out_dir) / stage).glob("ckpt_*.safetensors"))
+    return load_file(str(files[-1]))
+
+
+def weights(t):
+    return {k: v for k, v in t.items() if k.split(".")[0] in ("model", "encoder", "unet", "ema")}
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory, tiny_data):
+    """One uninterrupted run of TINY, shared by the tests that compare with it or read it: copy it
+    before changing anything in it."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    run_train(out, tiny_data)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def perturb(model, std=0.05, seed=0):
+    """Move every parameter off its init (the zero-initialised output layers block all gradients)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmarks' scripts as modules
+
+
+def load_script(relative):
+    """A script of the repository (benchmarks/...) imported as a module."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

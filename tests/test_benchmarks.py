@@ -9,14 +9,13 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import ROOT, load_script
 from encdiff.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "train_bench.py"
 GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
 # wheels a developer carries stay out; an exported OUT (the device runner's) or PYTHON must not
@@ -42,16 +41,9 @@ GPU_CHECK_PARTS = [
 ]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("train_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return load_bench()
+    return load_script("benchmarks/train_bench.py")
 
 
 def run(cmd, **kw):
@@ -64,12 +56,10 @@ def run(cmd, **kw):
 # train_bench.py
 
 
-def test_train_bench_quick_cpu_table_and_json(tmp_path, bench):
+def test_train_bench_quick_cpu_table_and_json(tmp_path, bench, capsys):
     out = tmp_path / "bench.json"
-    r = run(
-        [sys.executable, str(BENCH), "--quick", "--batch", "4", "--warmup", "1", "--steps", "1", "--json", str(out)]
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert bench.main(["--quick", "--batch", "4", "--warmup", "1", "--steps", "1", "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert report["meta"]["model"].startswith("small") and report["meta"]["batch"] == 4
@@ -106,8 +96,8 @@ def test_train_bench_quick_cpu_table_and_json(tmp_path, bench):
     vq = {row["config"]: row for row in rows if row["stage"] == "vqvae"}
     assert all(vq[n]["status"] == "n/a" for n in ("attention sdpa", "cached latents", "grad checkpointing off"))
     # the Markdown tables: one per stage, one line per row, numbers as in the JSON
-    assert r.stdout.count(TABLE_HEAD) == 2
-    lines = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert stdout.count(TABLE_HEAD) == 2
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
     for row in rows:
         label = row["config"] + (f" (without {', '.join(row['without'])})" if row.get("without") else "")
         cell = f"{row['img_s']:.1f}" if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
@@ -335,19 +325,12 @@ def test_gpu_check_without_cuda_skips_the_gpu_parts(tmp_path):
     assert f"torch {torch.__version__}" in env and "env: no CUDA device" in env
 
 
-def load_nmi_module():
-    spec = importlib.util.spec_from_file_location("code_factor_nmi", ROOT / "benchmarks" / "code_factor_nmi.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_code_factor_nmi_finds_which_code_carries_which_factor():
     import numpy as np
 
     from encdiff.metrics import code_factor_nmi
 
-    nmi_mod = load_nmi_module()
+    nmi_mod = load_script("benchmarks/code_factor_nmi.py")
     sizes = (4, 6)
     rng = np.random.default_rng(0)
     factors = np.stack(np.unravel_index(np.arange(4 * 6), sizes), 1).repeat(40, 0)  # (960, 2): the grid, 40 each

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,15 +13,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import evaluate
+from conftest import ROOT, SMOKE
 from encdiff.config import build_config
 from encdiff.errors import UserError
 from encdiff.images import uint8_to_model
 from encdiff.models.encdiff import build_vq
 from encdiff.models.klvae import KLModel
 from encdiff.models.vqvae import Decoder, Encoder, VQModel
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = [ROOT / "config.toml", ROOT / "configs" / "smoke.toml"]
 
 
 def vq_config(**overrides):

@@ -2,8 +2,6 @@
 Under CPU autocast, a model whose weights are cast in one pass trains bitwise as the same model
 cast op by op; in fp32 the norms are torch's."""
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
@@ -12,13 +10,11 @@ from encdiff.low_precision import CastAll, LowPrecisionWeights
 from encdiff.models.encdiff import EncDiff, build_diffusion, build_encoder, build_unet, build_vq
 from encdiff.models.layers import GroupNorm, LayerNorm
 from encdiff.config import build_config
-from test_models import perturb
-
-ROOT_SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+from conftest import SMOKE, perturb
 
 
 def smoke_models():
-    cfg = build_config([ROOT_SMOKE])
+    cfg = build_config(SMOKE)
     torch.manual_seed(0)
     e = cfg.encdiff
     model = EncDiff(build_encoder(e), build_unet(e, cfg.vqvae.embed_dim), build_diffusion(e))

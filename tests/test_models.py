@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from conftest import perturb
 from encdiff.models.encoder import ConceptEncoder, EncResBlock
 from encdiff.models.unet import Attention, SpatialTransformer, UNet, record_cross_attention
 from encdiff.models.vqvae import VectorQuantizer, VQModel
@@ -14,15 +15,6 @@ from encdiff.models.vqvae import VectorQuantizer, VQModel
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
-
-
-def perturb(model, std=0.05, seed=0):
-    """Move every parameter off its init (the zero-initialised output layers block all gradients)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def tiny_unet(**kw):

@@ -12,10 +12,7 @@ from encdiff.config import build_config
 from encdiff.errors import UserError
 from encdiff.models.encdiff import build_vq
 from encdiff.models.poolae import PoolModel
-from test_benchmarks import load_nmi_module
-from test_train import ROOT, run_train, write_tiny_h5
-
-SMOKE = [ROOT / "config.toml", ROOT / "configs" / "smoke.toml"]
+from conftest import SMOKE, load_script, run_train, train_args, train_in_process
 
 
 def test_build_vq_gives_a_parameter_free_pool_model():
@@ -45,18 +42,17 @@ def test_the_latent_must_have_the_images_channels():
         build_config(SMOKE, [("vqvae.kind", "pool"), ("vqvae.embed_dim", "4")])
 
 
-def test_train_and_evaluate_with_the_pool_stage(tmp_path, capsys):
+def test_train_and_evaluate_with_the_pool_stage(tmp_path, tiny_data, capsys):
     """The CPU preset's combination: pool stage + x0 prediction, through train and evaluate."""
     from encdiff.artifacts import load_trained
 
-    data = tmp_path / "tiny.h5"
-    write_tiny_h5(data)
     out = tmp_path / "run"
-    run_train(out, data, "--vqvae.kind=pool", "--encdiff.prediction=x0")
+    run_train(out, tiny_data, "--vqvae.kind=pool", "--encdiff.prediction=x0")
     vq_files = sorted((out / "vqvae").glob("ckpt_*.safetensors"))
     assert len(vq_files) == 1 and load_file(str(vq_files[0])) == {}  # nothing trained, nothing stored
     assert not (out / "vqvae" / "log.jsonl").exists()
-    run_train(out, data, "--vqvae.kind=pool", "--encdiff.prediction=x0")  # a rerun finds both stages done
+    # a rerun finds both stages done
+    assert train_in_process(*train_args(out, tiny_data, "--vqvae.kind=pool", "--encdiff.prediction=x0")) == 0
     assert load_trained(out).diffusion.prediction == "x0"  # read back from the checkpoint's config
     evaluate.main(
         [str(out), "--metrics", "factor_vae", "--quick", "--out", str(tmp_path / "eval"), "--eval.pictures=false"]
@@ -64,6 +60,6 @@ def test_train_and_evaluate_with_the_pool_stage(tmp_path, capsys):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert 0.0 <= metrics["factor_vae"]["eval_accuracy"] <= 1.0
     # the code-factor diagnostic reads the same run
-    assert load_nmi_module().main([str(out), "--json", str(tmp_path / "nmi.json")]) == 0
+    assert load_script("benchmarks/code_factor_nmi.py").main([str(out), "--json", str(tmp_path / "nmi.json")]) == 0
     report = json.loads((tmp_path / "nmi.json").read_text())
     assert len(report["nmi"][0]) == len(report["factors"]) and all(0 <= v <= 1.0001 for v in report["best"].values())

@@ -15,14 +15,9 @@ from encdiff import checkpoint as ckpt
 from encdiff.config import parse_args
 from encdiff.data import load_all, open_dataset
 from encdiff.models.encdiff import build_vq
-from test_train import ROOT, TINY, final, run_train, write_tiny_h5
+from conftest import ROOT, TINY, final, run_train
 
 SYNCING_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.item")
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_tiny_h5(tmp_path_factory.mktemp("data") / "tiny.h5")
 
 
 def tiny_config(data, *extra):
@@ -87,13 +82,12 @@ class _Bar:
         pass
 
 
-def test_the_benchmark_step_is_train_pys_step(tmp_path, tiny_data):
+def test_the_benchmark_step_is_train_pys_step(tiny_data, straight):
     """train.py's stage 2 and train_bench.py's step from the same VQ: bitwise equal weights."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import train_bench
 
-    out = tmp_path / "run"
-    run_train(out, tiny_data, "--run.ckpt_every=1000")  # one thread (OMP_NUM_THREADS=1)
+    out = straight  # trained with one thread (OMP_NUM_THREADS=1); only read here
     cfg = tiny_config(tiny_data, f"--run.out_dir={out}")
     vq, _ = artifacts.frozen_vq(cfg, out, torch.device("cpu"))
     threads = torch.get_num_threads()

@@ -5,93 +5,16 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from conftest import ROOT, final, run_train, train_args, train_error, train_in_process, weights
 from encdiff import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [  # a tiny model on a tiny generic-h5 dataset: seconds per run
-    "--config",
-    str(ROOT / "config.toml"),
-    "--config",
-    str(ROOT / "configs" / "smoke.toml"),
-    "--vqvae.steps=4",
-    "--encdiff.steps=6",
-    "--run.ckpt_every=3",
-    "--run.log_every=2",
-    "--run.image_every=4",
-    "--vqvae.ch_mult=[1,1,2]",
-    "--vqvae.n_embed=32",
-    "--encdiff.model_channels=32",
-    "--encdiff.channel_mult=[1,2]",
-    "--encdiff.encoder_ch=16",
-    "--eval.batch_size=32",
-]
 
-
-def write_tiny_h5(path, sizes=(4, 4, 4)):
-    """Smooth random 64x64 images in the generic ground-truth format."""
-    n = int(np.prod(sizes))
-    rs = np.random.RandomState(0)
-    small = rs.randint(0, 256, size=(n, 8, 8, 3)).astype(np.uint8)
-    images = small.repeat(8, axis=1).repeat(8, axis=2)  # (n, 64, 64, 3)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("images", data=images)
-        f.attrs["factor_sizes"] = np.array(sizes)
-        f.attrs["factor_names"] = [f"f{i}" for i in range(len(sizes))]
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_tiny_h5(tmp_path_factory.mktemp("data") / "tiny.h5")
-
-
-def run_train(out_dir, data, *extra, nproc=1, check=True):
-    args = [*TINY, f"--run.out_dir={out_dir}", "--data.name=h5", f"--data.path={data}", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "train.py"), *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            str(ROOT / "train.py"),
-            *args,
-        ]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def final(out_dir, stage):
-    files = sorted((Path(out_dir) / stage).glob("ckpt_*.safetensors"))
-    return load_file(str(files[-1]))
-
-
-def weights(t):
-    return {k: v for k, v in t.items() if k.split(".")[0] in ("model", "encoder", "unet", "ema")}
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, tiny_data):
-    """One uninterrupted run of TINY, shared by the tests that compare with it (not to be changed)."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    run_train(out, tiny_data)
-    return out
-
-
-def test_one_process_trains_both_stages(tmp_path, tiny_data, straight):
+def test_one_process_trains_both_stages(tmp_path, tiny_data, straight, capsys):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
     for stage, steps in (("vqvae", 4), ("encdiff", 6)):
@@ -103,13 +26,14 @@ def test_one_process_trains_both_stages(tmp_path, tiny_data, straight):
     ck = final(out, "encdiff")
     assert any(k.startswith("vq.") for k in ck) and any(k.startswith("ema.") for k in ck) and "scale_factor" in ck
     # a finished run is skipped on the next invocation
-    r = run_train(out, tiny_data)
-    assert "finished already" in r.stdout
+    assert train_in_process(*train_args(out, tiny_data)) == 0
+    assert "finished already" in capsys.readouterr().out
 
 
 def test_resume_is_bitwise_exact(tmp_path, tiny_data, straight):
     broken = tmp_path / "broken"
-    run_train(broken, tiny_data, "--encdiff.steps=3")  # stops after the step-3 checkpoint
+    shutil.copytree(straight, broken)
+    (broken / "encdiff" / "ckpt_00000006.safetensors").unlink()  # as if it had stopped after step 3
     run_train(broken, tiny_data)  # resumes from step 3 to step 6
     a, b = final(straight, "encdiff"), final(broken, "encdiff")
     assert a.keys() == b.keys()
@@ -117,43 +41,31 @@ def test_resume_is_bitwise_exact(tmp_path, tiny_data, straight):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_two_ranks_equal_one_rank(tmp_path, tiny_data, straight):
-    one, two = straight, tmp_path / "two"
-    run_train(two, tiny_data, nproc=2)
-    # Adam's first updates are about lr * sign(grad): a gradient within float noise of zero may flip
-    # sign, so a handful of elements can differ by up to 2 lr per step. Everything else must agree.
-    for stage, lr, steps in (("vqvae", 1.152e-3, 4), ("encdiff", 2.56e-4, 6)):
-        a, b = weights(final(one, stage)), weights(final(two, stage))
-        diffs = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
-        assert (diffs > 1e-5).float().mean() < 0.005, stage
-        assert diffs.max() <= 2 * lr * steps, stage
-
-
 def test_batch_not_divisible_by_world_size(tmp_path, tiny_data):
     r = run_train(tmp_path / "x", tiny_data, "--encdiff.batch_size=7", nproc=2, check=False)
     assert r.returncode != 0 and "not divisible by the world size 2" in r.stderr
 
 
-def test_missing_data_and_missing_vq_checkpoint(tmp_path, tiny_data, straight):
-    r = run_train(tmp_path / "a", tmp_path / "nope.h5", check=False)
-    assert r.returncode == 2 and "nope.h5" in r.stderr
-    r = run_train(tmp_path / "b", tiny_data, "--run.stages=encdiff", check=False)
-    assert r.returncode == 2 and "no VQ checkpoint" in r.stderr
+def test_missing_data_and_missing_vq_checkpoint(tmp_path, tiny_data, straight, capsys):
+    assert "nope.h5" in train_error(*train_args(tmp_path / "a", tmp_path / "nope.h5"))
+    assert "no VQ checkpoint" in train_error(*train_args(tmp_path / "b", tiny_data, "--run.stages=encdiff"))
     stage2 = sorted((straight / "encdiff").glob("ckpt_*.safetensors"))[-1]
-    r = run_train(tmp_path / "c", tiny_data, "--run.stages=encdiff", f"--vqvae.ckpt={stage2}", check=False)
-    assert r.returncode == 2 and "a stage-2 (encdiff) checkpoint; vqvae.ckpt needs a stage-1" in r.stderr
-    assert "data:" not in r.stdout  # refused before the data is opened (or generated)
+    capsys.readouterr()
+    message = train_error(*train_args(tmp_path / "c", tiny_data, "--run.stages=encdiff", f"--vqvae.ckpt={stage2}"))
+    assert "a stage-2 (encdiff) checkpoint; vqvae.ckpt needs a stage-1" in message
+    assert "data:" not in capsys.readouterr().out  # refused before the data is opened (or generated)
 
 
-def test_two_launchers_on_one_host_act_as_two_nodes(tmp_path, tiny_data):
-    """torchrun --nnodes=2 with a c10d rendezvous on 127.0.0.1, one process per 'node'."""
+def test_two_launchers_on_one_host_act_as_two_nodes_and_train_as_one_rank(tmp_path, tiny_data, straight):
+    """torchrun --nnodes=2 with a c10d rendezvous on 127.0.0.1, one process per 'node': two ranks
+    (global batch split, BatchNorm statistics over both) train as one rank does."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "run"
-    args = [*TINY, f"--run.out_dir={out}", "--data.name=h5", f"--data.path={tiny_data}"]
+    args = train_args(out, tiny_data)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
@@ -181,6 +93,13 @@ def test_two_launchers_on_one_host_act_as_two_nodes(tmp_path, tiny_data):
     assert all(p.returncode == 0 for p in procs), outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert "world size 2" in outputs[0][0] + outputs[1][0]
     assert ckpt.list_checkpoints(out / "encdiff")[-1].name == ckpt.checkpoint_name(6)
+    # Adam's first updates are about lr * sign(grad): a gradient within float noise of zero may flip
+    # sign, so a handful of elements can differ by up to 2 lr per step. Everything else must agree.
+    for stage, lr, steps in (("vqvae", 1.152e-3, 4), ("encdiff", 2.56e-4, 6)):
+        a, b = weights(final(straight, stage)), weights(final(out, stage))
+        diffs = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+        assert (diffs > 1e-5).float().mean() < 0.005, stage
+        assert diffs.max() <= 2 * lr * steps, stage
 
 
 @pytest.mark.slow
@@ -196,13 +115,19 @@ def test_compile_path_trains(tmp_path, tiny_data):
 # a user's first hour: every mistake one early line, nothing a user made changed
 
 
-def test_help_lists_every_table_and_no_arguments_says_what_to_give():
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0 and "torchrun --nproc_per_node=8" in r.stdout
-    assert all(f"  [{t}]" in r.stdout for t in ("run", "data", "vqvae", "encdiff", "perf", "eval"))
-    assert "encdiff.prediction = " in r.stdout
+def test_help_lists_every_table(capsys):
+    assert train_in_process("--help") == 0
+    out = capsys.readouterr().out
+    assert "torchrun --nproc_per_node=8" in out
+    assert all(f"  [{t}]" in out for t in ("run", "data", "vqvae", "encdiff", "perf", "eval"))
+    assert "encdiff.prediction = " in out
+
+
+def test_a_mistake_is_one_line_on_stderr_and_exit_2():
+    """The contract every refusal keeps (the others are checked in this process, train_error)."""
     r = subprocess.run([sys.executable, str(ROOT / "train.py")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error: no config given") and "configs/cpu.toml" in r.stderr
+    assert r.stderr.count("\n") == 1
 
 
 def test_a_rejected_command_leaves_the_run_directory_as_it_was(tmp_path, tiny_data):
@@ -215,8 +140,7 @@ def test_a_rejected_command_leaves_the_run_directory_as_it_was(tmp_path, tiny_da
         (["--vqvae.n_embed=16"], "trained with vqvae.n_embed = 32, the config now says 16; use those values"),
         (["--run.resume=never"], "already holds checkpoints"),
     ):
-        r = run_train(out, tiny_data, *args, check=False)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, (args, r.stderr[-2000:])
+        assert message in train_error(*train_args(out, tiny_data, *args)), args
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
 
@@ -239,9 +163,7 @@ def test_each_mistake_is_one_early_line(tmp_path, tiny_data, args, message):
         with h5py.File(full, "w") as f:  # a synth3d file of the other grid (only its attribute is read)
             f.attrs["grid"] = "full"
     args = [a.format(full=full, dir=tmp_path) for a in args]
-    r = run_train(tmp_path / "run", tiny_data, *args, check=False)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
-    assert message in r.stderr
+    assert message in train_error(*train_args(tmp_path / "run", tiny_data, *args))
 
 
 # ---------------------------------------------------------------------------------------------
