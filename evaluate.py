@@ -60,6 +60,7 @@ def parse_args(argv):
     files, overrides, rest = split_args(argv)
     p = ArgumentParser(
         prog="evaluate.py",
+        usage="evaluate.py [-h] PATH [options] [--config FILE ...] [--section.key=value ...]",
         description="Disentanglement metrics and pictures of an EncDiff checkpoint.",
         epilog="Also: --config FILE (repeatable) and --section.key=value, layered on the checkpoint's own config "
         "(e.g. --data.path=/fast/copy.h5, --eval.ddim_steps=50); the keys are listed by train.py --help.",
@@ -69,8 +70,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="small sample counts and cheap pictures (tests, smoke runs)")
     p.add_argument(
         "--out",
-        help="output folder (default: eval_stepSTEP_DATASET_quick|full beside the checkpoint, one per kind of "
-        "evaluation)",
+        help="output folder (default: eval_stepSTEP_DATASET_quick-counts|full-counts beside the checkpoint, one "
+        "per kind of evaluation)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the results an earlier evaluation left in --out")
     p.add_argument(
@@ -90,14 +91,26 @@ def parse_args(argv):
 
 
 def default_out_dir(trained, ds, quick):
-    """Each kind of evaluation its own folder beside the checkpoint, so none replaces another."""
-    return trained.path.parent / f"eval_step{trained.step:08d}_{ds.name}_{'quick' if quick else 'full'}"
+    """Each kind of evaluation its own folder beside the checkpoint, so none replaces another:
+    quick-counts (--quick's small metric sample counts) or full-counts; the dataset is named."""
+    return trained.path.parent / f"eval_step{trained.step:08d}_{ds.name}_{'quick' if quick else 'full'}-counts"
+
+
+def stored_evaluation(path):
+    """The metrics.json an earlier evaluation left in `path`, or None."""
+    try:
+        return json.loads((path / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def writable_dir(path, overwrite):
     for name in ("metrics.json", "metrics.jsonl"):
         if (path / name).exists() and not overwrite:
-            raise UserError(f"{path} holds an earlier evaluation's {name}: choose another --out, or --overwrite")
+            raise UserError(
+                f"{path} holds an earlier evaluation's {name} (another checkpoint or other options): "
+                f"choose another --out, or --overwrite"
+            )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -171,8 +184,28 @@ def main(argv=None):
     # a bad weights file fails here, before any long work
     inception = load_inception(cfg.eval.inception_path, trained.device) if cfg.eval.inception_path else None
     ds = open_eval_dataset(trained)
-    out_dir = writable_dir(Path(args.out) if args.out else default_out_dir(trained, ds, quick), args.overwrite)
+    out_dir = Path(args.out) if args.out else default_out_dir(trained, ds, quick)
+    options = {
+        "checkpoint": str(trained.path),
+        "data": str(ds.path),
+        "metrics": names,
+        "quick": quick,
+        "seed": seed,
+        "baseline": args.baseline,
+        "fid": None if inception is None else [cfg.eval.inception_path, args.fid_samples],
+    }
+    stored = stored_evaluation(out_dir)
+    if not args.overwrite and stored is not None and stored.get("options") == options:
+        print(f"{out_dir}: up to date (the same checkpoint, data and options); the stored results:")
+        print(stored["table"])
+        return 0
+    out_dir = writable_dir(out_dir, args.overwrite)
     print(f"checkpoint: {trained.path} (step {trained.step}), device {trained.device}")
+    if trained.step < trained.stored.encdiff.steps:
+        print(
+            f"note: the run has not finished: step {trained.step:,} of {trained.stored.encdiff.steps:,} "
+            f"(still training, or stopped; rerun train.py to go on)"
+        )
     print(describe_data(ds))
     if trained.ignored:
         print(f"note: kept the checkpoint's model config; ignored other values of {', '.join(trained.ignored)}")
@@ -192,7 +225,9 @@ def main(argv=None):
         scored = "TAD on its attributes" if getattr(ds, "attributes", None) is not None else "no disentanglement metric"
         ignored = f" (ignored --metrics {args.metrics})" if requested else ""
         print(f"note: {ds.name} has no factor grid: {scored}{ignored}")
-    results = score_codes(codes, ds, names, seed=seed, quick=quick)
+    if ds.factor_sizes is not None:
+        print(f"scoring {', '.join(names)} ({'quick' if quick else 'full'} sample counts; DCI in the background)")
+    results = score_codes(codes, ds, names, seed=seed, quick=quick, report=said_done)
     baseline = None
     if args.baseline == "random":
         floor_codes, _ = encode_dataset(
@@ -203,16 +238,18 @@ def main(argv=None):
             score_amp,
             trained.channels_last,
         )
-        baseline = score_codes(floor_codes, ds, names, seed=seed, quick=quick)
+        print("scoring the untrained encoder's codes the same way")
+        baseline = score_codes(floor_codes, ds, names, seed=seed, quick=quick, report=said_done)
     if inception is not None:
         n_fid = args.fid_samples or (FID_SAMPLES_QUICK if quick else FID_SAMPLES)
         steps = picture_settings(cfg.eval, quick)[2]
         print(f"FID: {min(n_fid, len(ds))} images against their DDIM reconstructions ({steps} steps)")
         results["fid"] = fid_of_samples(trained, ds, inception, n_fid, steps, seed, cfg.eval.batch_size)
-    else:
+    elif requested is None:  # only a full evaluation asks for everything the paper reports
         print(HOW_TO_PROVIDE)
     notes = degenerate_scores(results, codes)
-    print(format_table(results, baseline, ds.name, notes))
+    table = format_table(results, baseline, ds.name, notes)
+    print(table)
     if quick:
         print("note: --quick uses small sample counts: the numbers are noisy")
 
@@ -234,21 +271,27 @@ def main(argv=None):
         "checkpoint": str(trained.path),
         "baseline": None if baseline is None else {"encoder": "random", "seed": seed, **baseline},
         "degenerate": notes,
+        "options": options,  # a rerun with these finds its results up to date
+        "table": table,
     }
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {metrics_path}")
 
-    if cfg.eval.pictures:
-        _, n_values, steps = picture_settings(cfg.eval, quick)
-        n, tokens = len(kept) // 2, trained.encoder.num_tokens
-        samples = 3 * n + tokens * n_values + n * tokens
-        print(
-            f"pictures: {samples} DDIM samples of {steps} steps "
-            f"(fewer: --quick, --eval.ddim_steps or --eval.pictures=false)"
-        )
-        for path in save_pictures(trained, kept, codes, out_dir, quick, seed):
-            print(f"wrote {path}")
+    n_images, n_values, steps = picture_settings(cfg.eval, quick)
+    n, tokens = len(picture_indices(n_images, len(ds), seed)) // 2, trained.encoder.num_tokens
+    samples = f"{3 * n + tokens * n_values + n * tokens} DDIM samples of {steps} steps"
+    if not cfg.eval.pictures:
+        print(f"pictures: off (eval.pictures = false in this run's config); --eval.pictures=true draws them: {samples}")
+        return 0
+    print(f"pictures: {samples} (fewer: --quick, --eval.ddim_steps or --eval.pictures=false)")
+    for path in save_pictures(trained, kept, codes, out_dir, quick, seed, progress=True):
+        print(f"wrote {path}")
+    return 0
+
+
+def said_done(name, seconds):
+    print(f"  {name}: {seconds:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ def open_data(cfg, d, stop):
     """Open (generating the bundled set on first use) and load the dataset as a uint8 tensor."""
     if cfg.data.name == "synth3d":  # generated when missing; when there, its grid must be data.grid
         if d.local_rank == 0:  # once per node (the write is atomic, so a shared disk is fine too)
+            if not Path(cfg.data.path).exists():  # a mistyped path must not pass unnoticed
+                print(f"data.path {cfg.data.path} does not exist: generating the bundled synth3d there", flush=True)
             ensure_synth3d(cfg.data.path, cfg.data.grid, stop=stop.check)
         dist.barrier()
     ds = open_dataset(cfg.data.name, cfg.data.path)
@@ -68,25 +70,39 @@ PLAN_MIN_STEPS = 1000  # shorter runs start at once: timing them would cost more
 
 
 def stages_to_train(cfg):
-    """The stages this command trains, with their step counts (what a finished stage skips is not known yet)."""
-    stages = [s for s in cfg.run.stages if not (s == "vqvae" and (cfg.vqvae.ckpt or cfg.vqvae.kind == "pool"))]
-    return {s: getattr(cfg, s).steps for s in stages}
+    """{stage: steps left} of the stages this command trains: a stage whose newest checkpoint (by its
+    name) is at its last step has none left and is not listed."""
+    todo = {}
+    for s in cfg.run.stages:
+        if s == "vqvae" and (cfg.vqvae.ckpt or cfg.vqvae.kind == "pool"):
+            continue
+        steps, done = getattr(cfg, s).steps, ckpt.newest_step(Path(cfg.run.out_dir) / s)
+        if done < steps:
+            todo[s] = steps - done
+    return todo
 
 
 def announce_plan(cfg, d):
     """Say what the run will do and, on a CPU, about how long from a few timed steps (before any long
     work); a run that would take longer than run.max_hours there stops with the reason."""
     todo = stages_to_train(cfg)
-    what = ", ".join(f"{s} {n:,} steps at batch {getattr(cfg, s).batch_size}" for s, n in todo.items())
-    dist.print0(f"plan: {what or 'nothing to train'} on {d.world_size} x {d.device.type}")
+    if not todo:
+        dist.print0(f"plan: every stage of {cfg.run.out_dir} has finished; nothing to train")
+        return
+    what = ", ".join(
+        f"{s} {left:,}{'' if left == getattr(cfg, s).steps else f' of {getattr(cfg, s).steps:,}'} steps "
+        f"at batch {getattr(cfg, s).batch_size}"
+        for s, left in todo.items()
+    )
+    dist.print0(f"plan: {what} on {d.world_size} x {d.device.type}")
     if d.device.type != "cpu" or sum(todo.values()) < PLAN_MIN_STEPS:
         return
+    dist.print0("plan: timing a few steps of each stage on this CPU ...")
     hours = sum(seconds_per_image(s, cfg, d) * n * getattr(cfg, s).batch_size / d.world_size for s, n in todo.items())
     hours /= 3600
     threads = torch.get_num_threads()
-    dist.print0(
-        f"plan: about {hours:.1f} hours on this CPU ({threads} thread{'s' if threads > 1 else ''}; from timed steps)"
-    )
+    how_long = f"{hours * 60:.0f} minutes" if hours < 2 else f"{hours:,.1f} hours"
+    dist.print0(f"plan: about {how_long} on this CPU ({threads} thread{'s' if threads > 1 else ''}; from timed steps)")
     if cfg.run.max_hours and hours > cfg.run.max_hours:
         raise UserError(
             f"this run would take about {hours:,.0f} hours on this CPU (run.max_hours = "
@@ -126,6 +142,28 @@ def peak_memory_mb(device):
 def append_jsonl(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def drop_rows_after(path, step):
+    """A run resumed from `step`: the rows of a JSONL log past it describe steps that will be done
+    again (the run stopped after them but before their checkpoint), and go; so does a line cut off
+    mid-write. Atomic: a temporary file, then a rename."""
+    path = Path(path)
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+
+    def kept(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    keep = [line for line in rows if kept(line)]
+    if len(keep) < len(rows):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
 
 
 def find_resume(stage_dir, cfg, stage, d):
@@ -315,6 +353,8 @@ def train_vqvae(cfg, d, images, out_dir, vote):
     if start >= v.steps:
         dist.print0(f"vqvae: finished already (step {start}), skipped")
         return False
+    if d.is_main:
+        drop_rows_after(stage_dir / "log.jsonl", start)
     dist.print0(
         f"vqvae: {count_params(st.model):,} parameters, steps {start} -> {v.steps}, global batch {v.batch_size}"
     )
@@ -367,6 +407,9 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
     if start >= e.steps:
         dist.print0(f"encdiff: finished already (step {start}), skipped")
         return False
+    if d.is_main:
+        for log in ("log.jsonl", "metrics.jsonl"):
+            drop_rows_after(stage_dir / log, start)
     dist.print0(
         f"encdiff: encoder {count_params(st.model.encoder):,} + U-Net {count_params(st.model.unet):,} parameters, "
         f"steps {start} -> {e.steps}, global batch {e.batch_size}, lr {st.lr:.3g}, VQ from {vq_path}"
@@ -398,7 +441,7 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
         win.add(loss, grad_norm, e.batch_size)
         done = step + 1
         if live is not None:
-            live.maybe_start(done, st.model.encoder, done * e.batch_size, clock())
+            live.maybe_start(done, st.model.encoder, done * e.batch_size, clock(), vote.stop.received is not None)
             for record in live.poll():
                 if record.get("target_reached"):
                     bar.write(describe_target([record], cfg.eval))
@@ -413,7 +456,7 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
         lr = st.lr * lr_factor(step, e.warmup_steps)
         if end_of_step(done, e.steps, r, d, win, lr, stage_dir, bar, vote, save, clock(), live and live.latest):
             if live is not None:
-                live.close(wait=False)  # stopped: the scores still being computed are given up
+                live.close()  # the checkpoint is written: keep the scores still being computed (a 2nd signal skips)
             return True
     bar.close()
     if live is not None:

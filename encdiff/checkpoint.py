@@ -163,6 +163,13 @@ def list_checkpoints(stage_dir):
     return sorted(p for p in d.iterdir() if CKPT_RE.match(p.name))
 
 
+def newest_step(stage_dir):
+    """The step of a stage directory's newest checkpoint by its file name (0 without one): cheap, for
+    plans; latest_good_checkpoint is the one that verifies."""
+    paths = list_checkpoints(stage_dir)
+    return int(CKPT_RE.match(paths[-1].name).group(1)) if paths else 0
+
+
 def latest_good_checkpoint(stage_dir, device="cpu"):
     """Newest checkpoint that verifies, or None; corrupt ones are skipped with a warning."""
     for path in reversed(list_checkpoints(stage_dir)):

@@ -43,7 +43,7 @@ class RunConfig:
     ckpt_every: int = 5000
     keep_last: int = 3
     image_every: int = 10000  # PNG grids of reconstructions / samples
-    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT"])  # checkpoint, then exit 0
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT"])  # checkpoint, exit 128 + signal
     stop_check_every: int = 10  # steps between the ranks' agreement on a stop signal (a host sync)
     max_nonfinite: int = 20  # non-finite steps in a row (skipped) before training stops
     init_timeout: float = 300.0  # seconds for the ranks to connect; then a rank exits (torchrun can restart)

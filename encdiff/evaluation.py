@@ -172,11 +172,12 @@ def describe_data(ds):
     return f"data: {ds.name} {ds.path}, {len(ds):,} images, {labels}"
 
 
-def score_codes(codes, ds, metrics=None, seed=0, quick=False):
-    """The scores a dataset supports: the factor metrics (encdiff.metrics.compute_all) on a factor
-    grid; TAD on attribute labels (CelebA); nothing otherwise (imagefolder)."""
+def score_codes(codes, ds, metrics=None, seed=0, quick=False, report=None):
+    """The scores a dataset supports: the factor metrics (encdiff.metrics.compute_all, which calls
+    report(name, seconds) as each finishes) on a factor grid; TAD on attribute labels (CelebA);
+    nothing otherwise (imagefolder)."""
     if ds.factor_sizes is not None:
-        return compute_all(codes, ds.factor_sizes, metrics, seed=seed, quick=quick)
+        return compute_all(codes, ds.factor_sizes, metrics, seed=seed, quick=quick, report=report)
     if getattr(ds, "attributes", None) is not None:
         return {"tad": tad(codes, ds.attributes, num_samples=TAD_QUICK_SAMPLES if quick else None, seed=seed)}
     return {}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from encdiff.artifacts import IMAGE_SHAPE
 from encdiff.images import grid, save_png, to_uint8, uint8_to_model
@@ -47,13 +48,21 @@ def fixed_noise(trained, n, seed):
 
 
 @torch.no_grad()
-def decode_tokens(trained, tokens, steps, eta=0.0, x_T=None, generator=None, model_fn=None):
-    """DDIM with the EMA U-Net conditioned on tokens (B, N, D), then the VQ decoder -> (B, 3, 64, 64)."""
+def decode_tokens(trained, tokens, steps, eta=0.0, x_T=None, generator=None, model_fn=None, on_step=None):
+    """DDIM with the EMA U-Net conditioned on tokens (B, N, D), then the VQ decoder -> (B, 3, 64, 64).
+    on_step() is called after each DDIM step (a progress bar's update)."""
     shape = (tokens.shape[0], *trained.latent_shape)
+    fn = model_fn or trained.unet
+    if on_step is not None:
+        inner = fn
+
+        def fn(x, t, context):
+            out = inner(x, t, context)
+            on_step()
+            return out
+
     with trained.amp:
-        z = trained.diffusion.ddim_sample(
-            model_fn or trained.unet, shape, tokens, steps=steps, eta=eta, generator=generator, x_T=x_T
-        )
+        z = trained.diffusion.ddim_sample(fn, shape, tokens, steps=steps, eta=eta, generator=generator, x_T=x_T)
     return trained.vq.decode(z.float() / trained.scale)  # fp32: the codebook lookup compares distances
 
 
@@ -79,7 +88,7 @@ def swap_codes(code_a, code_b):
 
 
 @torch.no_grad()
-def attention_maps(trained, tokens, steps, x_T):
+def attention_maps(trained, tokens, steps, x_T, on_step=None):
     """Cross-attention of each token, averaged over heads, over the layers at the highest attended
     resolution and over the DDIM steps -> (B, N, h, w); per pixel it sums to 1 over the tokens."""
     total, count = None, 0
@@ -95,7 +104,7 @@ def attention_maps(trained, tokens, steps, x_T):
             maps.clear()  # keep one step's maps at a time
             return eps
 
-        decode_tokens(trained, tokens, steps, eta=0.0, x_T=x_T, model_fn=model_fn)
+        decode_tokens(trained, tokens, steps, eta=0.0, x_T=x_T, model_fn=model_fn, on_step=on_step)
     mean = total / count  # (B, HW, N)
     side = math.isqrt(mean.shape[1])
     return mean.transpose(1, 2).reshape(mean.shape[0], -1, side, side)  # (B, HW, N) -> (B, N, h, w)
@@ -144,16 +153,21 @@ def labelled_grid(images, ncol, row_labels=(), col_labels=(), pad=2):
     return np.asarray(canvas)
 
 
+FIRST_STAGE_LABELS = {"vq": "VQ", "kl": "KL", "pool": "pool"}  # vqvae.kind -> its row's label
+
+
 @torch.no_grad()
-def save_reconstructions(trained, x, path, steps, seed):
-    """Rows: input | VQ reconstruction | DDIM sample (eta 1) conditioned on the image's tokens."""
+def save_reconstructions(trained, x, path, steps, seed, on_step=None):
+    """Rows: input | first-stage (VQ, KL or pool) reconstruction | DDIM sample (eta 1) conditioned
+    on the image's tokens."""
     g = torch.Generator(device=trained.device).manual_seed(seed)
     with trained.amp:
         _, tokens = trained.encoder(x)
     recon = trained.vq.decode(trained.vq.encode(x))
-    sample = decode_tokens(trained, tokens, steps, eta=1.0, generator=g)
+    sample = decode_tokens(trained, tokens, steps, eta=1.0, generator=g, on_step=on_step)
     rows = to_uint8(torch.cat([x.float(), recon, sample]))
-    save_png(labelled_grid(rows, x.shape[0], row_labels=["input", "VQ", "DDIM"]), path, scale=2)
+    stage1 = FIRST_STAGE_LABELS[trained.cfg.vqvae.kind]
+    save_png(labelled_grid(rows, x.shape[0], row_labels=["input", stage1, "DDIM"]), path, scale=2)
 
 
 @torch.no_grad()
@@ -163,7 +177,7 @@ def save_vq_reconstructions(x, xrec, path):
     save_png(labelled_grid(rows, x.shape[0], row_labels=["input", "VQ"]), path, scale=2)
 
 
-def save_traversal(trained, x, codes, path, steps, n_values, seed):
+def save_traversal(trained, x, codes, path, steps, n_values, seed, on_step=None):
     """Row i: scalar i of the image's code swept over its 1st..99th percentile in the dataset, the
     others fixed; one noise for every sample, deterministic DDIM, so rows differ only by the scalar."""
     low, high = (torch.from_numpy(np.percentile(codes, q, axis=0)).float().to(trained.device) for q in (1, 99))
@@ -171,26 +185,26 @@ def save_traversal(trained, x, codes, path, steps, n_values, seed):
         code = trained.encoder.encode(x[:1]).float()[0]  # (N,)
     sweep = traversal_codes(code, low, high, n_values)  # (N * n_values, N)
     tokens = trained.encoder.mlps(sweep)
-    images = decode_tokens(trained, tokens, steps, x_T=fixed_noise(trained, len(sweep), seed))
+    images = decode_tokens(trained, tokens, steps, x_T=fixed_noise(trained, len(sweep), seed), on_step=on_step)
     labels = [f"s{i} [{lo:.2f}, {hi:.2f}]" for i, (lo, hi) in enumerate(zip(low.tolist(), high.tolist()))]
     save_png(labelled_grid(to_uint8(images), n_values, row_labels=labels), path)
 
 
-def save_swaps(trained, xa, xb, path, steps, seed):
+def save_swaps(trained, xa, xb, path, steps, seed, on_step=None):
     """Per pair: A | B | sample from A's tokens | samples from A's tokens with token i taken from B."""
     with trained.amp:
         code_a, code_b = trained.encoder.encode(xa).float(), trained.encoder.encode(xb).float()
     codes = swap_codes(code_a, code_b)  # (P, N + 1, N)
     P, K, N = codes.shape
     tokens = trained.encoder.mlps(codes.reshape(P * K, N))  # (P * K, N, D)
-    samples = decode_tokens(trained, tokens, steps, x_T=fixed_noise(trained, P * K, seed))
+    samples = decode_tokens(trained, tokens, steps, x_T=fixed_noise(trained, P * K, seed), on_step=on_step)
     samples = samples.reshape(P, K, *samples.shape[1:])  # (P * K, 3, H, W) -> (P, K, 3, H, W)
     rows = torch.cat([xa.float()[:, None], xb.float()[:, None], samples], dim=1)  # (P, K + 2, 3, H, W)
     images = to_uint8(rows.reshape(-1, *rows.shape[2:]))
     save_png(labelled_grid(images, K + 2, col_labels=["A", "B", "A (own)", *(f"s{i}<-B" for i in range(N))]), path)
 
 
-def save_attention(trained, x, path, steps, seed):
+def save_attention(trained, x, path, steps, seed, on_step=None):
     """Per image: the input | one map per token, the cross-attention at the highest attended
     resolution averaged over heads, layers and DDIM steps, over the image (the paper's Figure 1).
     Maps share one scale per image (its smallest to its largest value over all tokens, drawn in the
@@ -198,7 +212,7 @@ def save_attention(trained, x, path, steps, seed):
     other tokens; a weight of 1/N everywhere would be no preference at all."""
     with trained.amp:
         _, tokens = trained.encoder(x)
-    maps = attention_maps(trained, tokens, steps, fixed_noise(trained, x.shape[0], seed))  # (B, N, h, w)
+    maps = attention_maps(trained, tokens, steps, fixed_noise(trained, x.shape[0], seed), on_step)  # (B, N, h, w)
     maps = F.interpolate(maps.float(), size=IMAGE_SHAPE[:2], mode="bilinear", align_corners=False)  # (B, N, 64, 64)
     low, high = maps.amin(dim=(1, 2, 3), keepdim=True), maps.amax(dim=(1, 2, 3), keepdim=True)
     maps = ((maps - low) / (high - low).clamp_min(1e-12)).cpu().numpy()
@@ -213,17 +227,20 @@ def save_attention(trained, x, path, steps, seed):
 
 
 @torch.no_grad()
-def save_pictures(trained, images, codes, out_dir, quick, seed):
+def save_pictures(trained, images, codes, out_dir, quick, seed, progress=False):
     """The four PNGs from `images` (2P, 64, 64, 3) uint8 (P shown, P swap partners) and the
-    dataset's codes (for the traversal ranges). Returns the paths written."""
+    dataset's codes (for the traversal ranges), with a bar over their DDIM steps. Returns the paths
+    written."""
     n_images, n_values, steps = picture_settings(trained.cfg.eval, quick)
     x = uint8_to_model(torch.from_numpy(images).to(trained.device))  # (2P, 3, 64, 64)
     half = x.shape[0] // 2
     xa, xb = x[:half], x[half : 2 * half]
     out_dir = Path(out_dir)
     paths = {name: out_dir / f"{name}.png" for name in ("reconstructions", "traversal", "swap", "attention")}
-    save_reconstructions(trained, xa, paths["reconstructions"], steps, seed)
-    save_traversal(trained, xa, codes, paths["traversal"], steps, n_values, seed)
-    save_swaps(trained, xa, xb, paths["swap"], steps, seed)
-    save_attention(trained, xa, paths["attention"], steps, seed)
+    with tqdm(total=4 * steps, desc="pictures: DDIM steps", disable=not progress, dynamic_ncols=True) as bar:
+        step = bar.update
+        save_reconstructions(trained, xa, paths["reconstructions"], steps, seed, step)
+        save_traversal(trained, xa, codes, paths["traversal"], steps, n_values, seed, step)
+        save_swaps(trained, xa, xb, paths["swap"], steps, seed, step)
+        save_attention(trained, xa, paths["attention"], steps, seed, step)
     return list(paths.values())

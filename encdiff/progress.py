@@ -14,8 +14,11 @@ writes the same records from a run's checkpoints.
 
 import json
 import multiprocessing
+import signal
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -51,6 +54,26 @@ def encode_codes(encoder, images, device, amp, channels_last=False, batch=ENCODE
         encoder.train(was_training)
 
 
+def ignore_signals(names):
+    """The scoring process's start: the trainer owns stopping. A terminal's Ctrl-C reaches the whole
+    process group; the worker ignores it (and the other stop signals) and never dies of one."""
+    for name in names:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+@contextmanager
+def signals_ignored(names):
+    """The stop signals ignored here while a worker process starts: it inherits the dispositions, so
+    a Ctrl-C during its imports (before ignore_signals runs there) cannot kill it. One reaching this
+    process in those few milliseconds is lost: press it again."""
+    handlers = {name: signal.signal(getattr(signal, name), signal.SIG_IGN) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in handlers.items():
+            signal.signal(getattr(signal, name), handler)
+
+
 def score(codes, factor_sizes, metrics, seed):
     """The quick metrics of codes (what the background process runs)."""
     from encdiff.metrics import compute_all  # here: scikit-learn is a second of the trainer's start-up
@@ -76,9 +99,10 @@ def first_reached(records, target_factor_vae, target_dci):
 
 
 def describe_target(records, cfg_eval, steps_total=None):
-    """One line: when FactorVAE and DCI first reached their targets, or the best so far."""
+    """One line: when the quick FactorVAE and DCI (eval.every's small sample counts, not evaluate.py's
+    full ones) first reached their targets, or the best so far."""
     ev = cfg_eval
-    goal = f"FactorVAE >= {ev.target_factor_vae:g} and DCI >= {ev.target_dci:g}"
+    goal = f"quick FactorVAE >= {ev.target_factor_vae:g} and DCI >= {ev.target_dci:g}"
     hit = first_reached(records, ev.target_factor_vae, ev.target_dci)
     if hit is not None:
         return (
@@ -158,16 +182,44 @@ class LiveMetrics:
     def due(self, done):
         return self.every > 0 and done % self.every == 0 and not any(r["step"] == done for r in self.records)
 
-    def maybe_start(self, done, encoder, images_seen, wall_s):
-        if not self.due(done):
+    def maybe_start(self, done, encoder, images_seen, wall_s, stopping=False):
+        """At eval.every steps, unless a stop is pending: encode and hand the codes to the worker."""
+        if stopping or not self.due(done):
             return
         codes = encode_codes(
             encoder, self.images, self.device, self.amp, self.cfg.perf.channels_last and self.device.type == "cuda"
         )
-        if self.pool is None:
-            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        future = self.pool.submit(score, codes, self.factor_sizes, self.cfg.eval.every_metrics, self.cfg.eval.seed)
+        job = (score, codes, self.factor_sizes, self.cfg.eval.every_metrics, self.cfg.eval.seed)
+        names = self.cfg.run.stop_signals
+        try:
+            if self.pool is None:  # the worker starts at the first submit
+                self.pool = ProcessPoolExecutor(
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=ignore_signals,
+                    initargs=(tuple(names),),
+                )
+                with signals_ignored(names):
+                    future = self.pool.submit(*job)
+            else:
+                future = self.pool.submit(*job)
+        except Exception as e:  # the worker is gone (BrokenProcessPool): training goes on without it
+            self.give_up(e)
+            return
         self.pending.append((future, {"step": done, "images_seen": images_seen, "wall_s": round(wall_s, 2)}))
+
+    def give_up(self, error):
+        """One line, then no live metrics: a dead scoring process must never stop the training."""
+        print(
+            f"live metrics stopped ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            f"training goes on without them, and evaluate.py RUN --every-checkpoint scores the checkpoints later",
+            flush=True,
+        )
+        self.every = 0
+        self.pending = []
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
 
     def poll(self, wait=False):
         """Records whose scores have arrived (all of them with wait), appended to metrics.jsonl."""
@@ -178,6 +230,9 @@ class LiveMetrics:
             self.pending.remove((future, record))
             try:
                 record.update(future.result())
+            except BrokenProcessPool as e:
+                self.give_up(e)
+                break
             except Exception as e:  # a metric that cannot score these codes: say so, keep training
                 record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             ev = self.cfg.eval
@@ -211,7 +266,13 @@ class LiveMetrics:
     def close(self, wait=True):
         """Wait for the scores still being computed (unless not wait), stop the background process."""
         if self.pending and wait:
-            self.poll(wait=True)
+            steps = ", ".join(f"{record['step']:,}" for _, record in self.pending)
+            print(f"waiting for the live metrics of step {steps} (still being scored)", flush=True)
+            try:
+                self.poll(wait=True)
+            except KeyboardInterrupt:  # a second stop signal (train.py's handler raises it): give them up
+                print("gave up the live metrics still being scored", flush=True)
+                wait = False
         if self.pool is not None:
             self.pool.shutdown(wait=wait, cancel_futures=not wait)
             self.pool = None

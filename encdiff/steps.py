@@ -571,13 +571,18 @@ def build_step(stage, cfg, d, images, vq=None):
     return EncDiffStep(cfg, d, images, vq)
 
 
-def seconds_per_image(stage, cfg, d, batch=8, steps=2):
-    """How long `stage` takes per trained image under cfg on d's device: `steps` eager updates on
-    random images at a small batch, after one warm-up (compile and CUDA graph off: their first
-    step is their own cost). For a plan before any long work, not a benchmark."""
+PLAN_BATCH = 32  # the largest per-rank batch the plan times: the cost per image falls with the batch up to about here
+
+
+def seconds_per_image(stage, cfg, d, steps=3):
+    """How long `stage` takes per trained image under cfg on d's device: the fastest of `steps`
+    eager updates on random images at the stage's per-rank batch (at most PLAN_BATCH), after one
+    warm-up (compile and CUDA graph off: their first step is their own cost). For a plan before any
+    long work, not a benchmark (RESULTS.md says how close it came)."""
     cfg = copy.deepcopy(cfg)
     cfg.perf.compile, cfg.perf.cuda_graph = "off", False
     section = getattr(cfg, stage)
+    batch = min(section.batch_size // d.world_size, PLAN_BATCH)
     section.batch_size = batch * d.world_size
     g = torch.Generator().manual_seed(0)
     images = torch.randint(
@@ -586,9 +591,10 @@ def seconds_per_image(stage, cfg, d, batch=8, steps=2):
     with torch.random.fork_rng(devices=[]):
         st = build_step(stage, cfg, d, images)
         st.prepare(0, verbose=False)
-        st(0)
-        t0 = time.perf_counter()
+        st(0)[0].item()
+        fastest = math.inf
         for i in range(1, steps + 1):
-            out = st(i)
-        out[0].item()  # the device has finished
-    return (time.perf_counter() - t0) / (steps * batch)
+            t0 = time.perf_counter()
+            st(i)[0].item()  # the device has finished
+            fastest = min(fastest, time.perf_counter() - t0)
+    return fastest / batch

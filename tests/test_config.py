@@ -141,3 +141,8 @@ def test_combinations_and_ranges_fail_up_front(args, message):
     with pytest.raises(UserError, match=message):
         parse_args(args)
     parse_args(["--encdiff.timesteps=20", "--eval.ddim_steps=20"])
+
+
+def test_config_toml_says_what_a_stop_signal_exits_with():
+    line = next(line for line in (ROOT / "config.toml").read_text().splitlines() if line.startswith("stop_signals"))
+    assert "exit 0" not in line and "128 + the signal" in line

@@ -253,13 +253,27 @@ def test_evaluate_end_to_end(run, tmp_path, capsys):
     printed = capsys.readouterr().out
     record = json.loads((out / "metrics.json").read_text())
     names = metric_names()
-    assert set(record) == {*names, "data", "step", "seed", "quick", "checkpoint", "baseline", "degenerate"}
+    assert set(record) == {
+        *names,
+        "data",
+        "step",
+        "seed",
+        "quick",
+        "checkpoint",
+        "baseline",
+        "degenerate",
+        "options",
+        "table",
+    }
     for name in names:
         assert record[name] and all(isinstance(v, (int, float)) for v in record[name].values())
         assert all(f"{name}.{key}" in printed for key in record[name])
     assert record["step"] == 8 and record["seed"] == 0 and record["baseline"] is None and record["quick"] is True
     assert record["data"]["factor_sizes"] == list(SIZES) and record["data"]["path"] == str(copy)
     assert record["checkpoint"] == str(run["ckpt"])
+    # every wait says what it waits for: the metrics one by one, then the pictures' DDIM steps
+    assert "scoring factor_vae, dci" in printed and "  factor_vae: " in printed and "  dci: " in printed
+    assert "FID skipped" in printed  # a full evaluation says how to get FID; one with --metrics does not
 
     n = run["cfg"].encdiff.num_tokens
     shown, values = 4, 5  # --quick: 4 images, 5 values per traversal
@@ -293,18 +307,25 @@ def test_a_degenerate_score_is_marked_with_its_reason():
     assert degenerate_scores({"dci": {"disentanglement": 0.4}}, varied) == {}
 
 
-def test_each_kind_of_evaluation_has_its_own_folder_and_none_is_replaced(run, tmp_path):
+def test_each_kind_of_evaluation_has_its_own_folder_and_none_is_replaced(run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(run["run_dir"], run_dir)
-    common = [str(run_dir), f"--data.path={run['data']}", "--eval.pictures=false", "--metrics", "mig"]
-    evaluate.main([*common, "--quick"])
-    evaluate.main(common)  # the full evaluation beside the quick one
+    common = [str(run_dir), f"--data.path={run['data']}", "--eval.pictures=false"]
+    evaluate.main([*common, "--metrics", "mig", "--quick"])
+    evaluate.main([*common, "--metrics", "mig"])  # the full evaluation beside the quick one
     folders = sorted(p.name for p in (run_dir / "encdiff").glob("eval_*"))
-    assert folders == ["eval_step00000008_h5_full", "eval_step00000008_h5_quick"]
+    assert folders == ["eval_step00000008_h5_full-counts", "eval_step00000008_h5_quick-counts"]
     quick = run_dir / "encdiff" / folders[1] / "metrics.json"
     before = quick.read_text()
+    table = json.loads(before)["table"]
+    capsys.readouterr()
+    # the same evaluation again is up to date: the stored table, exit status 0, nothing rewritten
+    assert evaluate.main([*common, "--metrics", "mig", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "up to date" in out and table in out and "encoded" not in out
+    # another evaluation into the same folder replaces nothing
     with pytest.raises(UserError, match="earlier evaluation's metrics.json"):
-        evaluate.main([*common, "--quick"])
+        evaluate.main([*common, "--metrics", "dci", "--quick"])
     assert quick.read_text() == before
 
 
@@ -419,3 +440,38 @@ def test_evaluate_a_checkpoint_written_by_train_py(run, tmp_path):
     assert all(
         (out / "encdiff" / f"{name}.png").is_file() for name in ("reconstructions", "traversal", "swap", "attention")
     )
+
+
+def test_what_evaluate_says_around_the_table(run, tmp_path, capsys):
+    """No FID notice when --metrics chose the metrics, the switch for the pictures when they are
+    off, the DDIM bar when they are on, and a run that has not reached its last step says so."""
+    unfinished = write_checkpoint(tmp_path / "run" / "encdiff" / "ckpt_00000004.safetensors", run["cfg"], step=4)
+    common = [str(unfinished), f"--data.path={run['data']}", "--metrics", "mig", "--quick"]
+    evaluate.main([*common, "--out", str(tmp_path / "a"), "--eval.pictures=false"])
+    out = capsys.readouterr().out
+    assert "step 4 of 8" in out and "FID skipped" not in out
+    assert "pictures: off (eval.pictures = false in this run's config); --eval.pictures=true draws them" in out
+    evaluate.main([*common, "--out", str(tmp_path / "b")])
+    assert "pictures: DDIM steps" in capsys.readouterr().err
+
+
+def test_help_names_config_files_and_overrides(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--help"])
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert "--config FILE" in usage and "--section.key=value" in usage
+
+
+def test_the_reconstruction_row_names_the_first_stage(trained, monkeypatch):
+    from encdiff import pictures
+
+    seen = []
+    monkeypatch.setattr(pictures, "labelled_grid", lambda rows, ncol, row_labels=(), **kw: seen.append(row_labels))
+    monkeypatch.setattr(pictures, "save_png", lambda *a, **kw: None)
+    x = uint8_to_model(torch.from_numpy(open_eval_dataset(trained).images[np.arange(2)]))
+    for kind in ("vq", "pool"):
+        t = copy.copy(trained)
+        t.cfg = copy.deepcopy(trained.cfg)
+        t.cfg.vqvae.kind = kind
+        pictures.save_reconstructions(t, x, None, steps=1, seed=0)
+    assert [labels[1] for labels in seen] == ["VQ", "pool"]

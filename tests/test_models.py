@@ -363,3 +363,14 @@ def test_vqvae_legacy_beta_is_the_releases_weighting_by_default():
 
     assert build_vq(build_config().vqvae).quantizer.legacy_beta is True
     assert build_vq(build_config([], [("vqvae.legacy_beta", "false")]).vqvae).quantizer.legacy_beta is False
+
+
+def test_token_mlp_gradients_have_their_weights_strides():
+    """DDP's buckets take each gradient as is only when its strides are its parameter's (else it
+    warns 'Grad strides do not match bucket view strides' and copies)."""
+    from encdiff.models.encoder import TokenMLPs
+
+    mlps = TokenMLPs(5, 8, (16, 32))
+    mlps(torch.randn(3, 5)).square().sum().backward()
+    for p in mlps.parameters():
+        assert p.grad.stride() == p.stride(), (tuple(p.shape), p.stride(), p.grad.stride())

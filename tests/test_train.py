@@ -14,7 +14,7 @@ from conftest import ROOT, final, run_train, train_args, train_error, train_in_p
 from encdiff import checkpoint as ckpt
 
 
-def test_one_process_trains_both_stages(tmp_path, tiny_data, straight, capsys):
+def test_one_process_trains_both_stages(tmp_path, tiny_data, straight, capsys, monkeypatch):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
     for stage, steps in (("vqvae", 4), ("encdiff", 6)):
@@ -25,9 +25,14 @@ def test_one_process_trains_both_stages(tmp_path, tiny_data, straight, capsys):
     assert list((out / "encdiff").glob("samples_*.png")) and list((out / "vqvae").glob("recon_*.png"))
     ck = final(out, "encdiff")
     assert any(k.startswith("vq.") for k in ck) and any(k.startswith("ema.") for k in ck) and "scale_factor" in ck
-    # a finished run is skipped on the next invocation
+    # a finished run is skipped on the next invocation, and its plan says so (no steps timed, however
+    # short a run the CPU plan would time)
+    import train
+
+    monkeypatch.setattr(train, "PLAN_MIN_STEPS", 1)
     assert train_in_process(*train_args(out, tiny_data)) == 0
-    assert "finished already" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "finished already" in printed and "nothing to train" in printed and "timing" not in printed
 
 
 def test_resume_is_bitwise_exact(tmp_path, tiny_data, straight):
@@ -35,6 +40,9 @@ def test_resume_is_bitwise_exact(tmp_path, tiny_data, straight):
     shutil.copytree(straight, broken)
     (broken / "encdiff" / "ckpt_00000006.safetensors").unlink()  # as if it had stopped after step 3
     run_train(broken, tiny_data)  # resumes from step 3 to step 6
+    # the log's rows past step 3 (written before it stopped) were dropped, not written twice
+    steps = [json.loads(line)["step"] for line in (broken / "encdiff" / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
     a, b = final(straight, "encdiff"), final(broken, "encdiff")
     assert a.keys() == b.keys()
     for k in a:
@@ -181,7 +189,7 @@ def test_metrics_while_training_leave_the_training_bitwise_unchanged(tmp_path, t
         assert rec["images_seen"] == rec["step"] * 8 and rec["wall_s"] > 0  # smoke.toml: batch 8
         assert 0 <= rec["factor_vae"]["eval_accuracy"] <= 1 and 0 <= rec["dci"]["disentanglement"] <= 1
         assert "discrete_mig" in rec["mig"]
-    assert "time to disentanglement (FactorVAE >= 0.9 and DCI >= 0.8): not reached in 6 steps" in r.stdout
+    assert "time to disentanglement (quick FactorVAE >= 0.9 and DCI >= 0.8): not reached in 6 steps" in r.stdout
     assert (live / "progress.png").stat().st_size > 1000 and not (quiet / "progress.png").exists()
     log = [json.loads(line) for line in (live / "encdiff" / "log.jsonl").read_text().splitlines()]
     assert all(rec["wall_s"] > 0 for rec in log)
@@ -219,3 +227,37 @@ def test_progress_png_is_skipped_without_matplotlib(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert plot_progress(tmp_path / "p.png", [], []) is False and not (tmp_path / "p.png").exists()
+
+
+def test_rows_past_the_resumed_step_are_dropped_with_a_torn_line(tmp_path):
+    import train
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n{"step": 8, "lo')  # stopped mid-write
+    train.drop_rows_after(log, 4)
+    assert log.read_text() == '{"step": 2}\n{"step": 4}\n' and not list(tmp_path.glob(".*tmp*"))
+    train.drop_rows_after(tmp_path / "none.jsonl", 4)  # no log yet: nothing to do
+
+
+def test_the_cpu_plan_times_the_stages_batch(monkeypatch):
+    """The plan times steps at the stage's per-rank batch (at most PLAN_BATCH): at batch 8 it said 37
+    minutes for the CPU preset's 16-minute stage 2 (RESULTS.md)."""
+    from encdiff import dist, steps
+    from encdiff.config import build_config
+
+    built = []
+
+    class Done(Exception):
+        pass
+
+    def build_step(stage, cfg, d, images, vq=None):
+        built.append((cfg.encdiff.batch_size, len(images)))
+        raise Done
+
+    monkeypatch.setattr(steps, "build_step", build_step)
+    one = dist.Dist(0, 0, 1, torch.device("cpu"))
+    for batch, expected in ((16, 16), (128, steps.PLAN_BATCH)):
+        cfg = build_config([ROOT / "config.toml"], [("encdiff.batch_size", str(batch))])
+        with pytest.raises(Done):
+            steps.seconds_per_image("encdiff", cfg, one)
+        assert built[-1][0] == expected

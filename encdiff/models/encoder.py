@@ -38,7 +38,10 @@ class TokenMLPs(nn.Module):
         self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(dims[:-1], dims[1:]):
             bound = 1.0 / math.sqrt(fan_in)
-            self.weights.append(nn.Parameter(torch.empty(num_tokens, fan_in, fan_out).uniform_(-bound, bound)))
+            weight = torch.empty(num_tokens, fan_in, fan_out)
+            if fan_in == 1:  # the strides einsum's gradient has (the same memory): DDP then uses it as is
+                weight = torch.empty(num_tokens, fan_out, 1).transpose(1, 2)  # (N, 1, fan_out), strides (fan_out, 1, 1)
+            self.weights.append(nn.Parameter(weight.uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(num_tokens, fan_out).uniform_(-bound, bound)))
 
     def forward(self, s):
