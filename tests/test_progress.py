@@ -16,14 +16,18 @@ from encdiff.models.encdiff import build_encoder
 from encdiff.progress import LiveMetrics
 
 
-@pytest.fixture
-def live(tiny_data, tmp_path):
+def live_metrics(data, stage_dir):
     cfg = build_config(SMOKE, [("eval.every", "2")])
-    with h5py.File(tiny_data) as f:
+    with h5py.File(data) as f:
         images, sizes = torch.from_numpy(f["images"][:]), tuple(f.attrs["factor_sizes"])
     torch.manual_seed(0)
-    metrics = LiveMetrics(cfg, tmp_path, sizes, images, torch.device("cpu"))
-    yield metrics, build_encoder(cfg.encdiff)
+    return LiveMetrics(cfg, stage_dir, sizes, images, torch.device("cpu")), build_encoder(cfg.encdiff)
+
+
+@pytest.fixture
+def live(tiny_data, tmp_path):
+    metrics, encoder = live_metrics(tiny_data, tmp_path)
+    yield metrics, encoder
     metrics.close(wait=False)
 
 
@@ -31,13 +35,19 @@ def worker_pid(metrics):
     return next(iter(metrics.pool._processes))
 
 
-def test_the_worker_ignores_the_stop_signals_and_scores_on(live):
+def test_the_worker_ignores_the_stop_signals_and_scores_on(live, capsys):
+    """...and once a stop is pending no scoring starts, and the wait for the last scores says so."""
     metrics, encoder = live
+    metrics.maybe_start(2, encoder, 16, 1.0, stopping=True)
+    assert not metrics.pending and metrics.pool is None
     metrics.maybe_start(2, encoder, 16, 1.0)
     os.kill(worker_pid(metrics), signal.SIGINT)  # what a terminal's Ctrl-C sends the whole group
     os.kill(worker_pid(metrics), signal.SIGTERM)
-    (record,) = metrics.poll(wait=True)
-    assert record["step"] == 2 and "factor_vae" in record and "error" not in record
+    metrics.maybe_start(4, encoder, 32, 2.0)
+    metrics.close()
+    assert "waiting for the live metrics of step 2, 4" in capsys.readouterr().out
+    assert [r["step"] for r in metrics.records] == [2, 4]
+    assert all("factor_vae" in r and "error" not in r for r in metrics.records)
 
 
 def test_a_dead_worker_stops_the_live_metrics_not_the_training(live, capsys):
@@ -49,16 +59,6 @@ def test_a_dead_worker_stops_the_live_metrics_not_the_training(live, capsys):
     out = capsys.readouterr().out
     assert out.count("live metrics stopped (BrokenProcessPool") == 1 and "training goes on" in out
     assert metrics.every == 0 and not metrics.pending
-
-
-def test_no_scoring_starts_once_a_stop_is_pending_and_a_wait_says_so(live, capsys):
-    metrics, encoder = live
-    metrics.maybe_start(2, encoder, 16, 1.0, stopping=True)
-    assert not metrics.pending and metrics.pool is None
-    metrics.maybe_start(2, encoder, 16, 1.0)
-    metrics.close()
-    assert "waiting for the live metrics of step 2" in capsys.readouterr().out
-    assert [r["step"] for r in metrics.records] == [2]
 
 
 def test_ctrl_c_to_the_process_group_while_metrics_run(tmp_path, tiny_data):

@@ -2,7 +2,6 @@
 The counts of the default model are pinned: a change that adds kernels to the step fails here."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -112,15 +111,12 @@ def test_bf16_norms_stay_within_bf16_rounding_of_the_autocast_step():
     assert 0 < new < 1.5 * old and new < 0.1
 
 
-def test_cli_writes_json(tmp_path):
+def test_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "trace.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_trace.py")]
-    r = subprocess.run([*cmd, "--config", "configs/smoke.toml", "--batch", "4", "--json", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert step_trace.main(["--config", str(ROOT / "configs/smoke.toml"), "--batch", "4", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["meta"]["stage"] == "encdiff" and report["totals"]["kernel_ops"] > 100
-    assert "| U-Net 16x16 |" in r.stdout
+    assert "| U-Net 16x16 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("bad", [["--batch", "0"], ["--card", "A100"], ["--numerics", "0"], ["--json", "/no/x.json"]])

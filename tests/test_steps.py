@@ -68,7 +68,7 @@ def test_no_host_sync_inside_a_step(tiny_data, precision):
         vote = train.StopVote(train.StopSignal([]), one_process())
         st(0)  # the optimiser's state is made at its first step
         with CountSyncs() as counter:
-            for i in range(1, 3):
+            for i in range(1, 2):  # the optimiser's state exists: a steady step
                 out = st(i)
                 win.add(out[0], out[1], len(out[2]))
                 assert not train.end_of_step(
