@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from encdiff import checkpoint as ckpt
+from encdiff import ckpt_files as ckpt
 from encdiff import runtime
-from encdiff.artifacts import load_trained
+from encdiff.ckpt_contents import load_trained
 from encdiff.config import split_args
 from encdiff.data import load_all
 from encdiff.errors import UserError, exit_on_user_error

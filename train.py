@@ -8,7 +8,7 @@
 
 Stages run in order in one command; a finished stage is skipped; `run.resume = "auto"` continues
 from the newest good checkpoint in `run.out_dir/<stage>/`. What one update of a stage does lives in
-encdiff/steps.py and what its checkpoint holds in encdiff/artifacts.py; here are the loop, the log,
+encdiff/steps.py and what its checkpoint holds in encdiff/ckpt_contents.py; here are the loop, the log,
 the checkpoint cadence and the stop rules.
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from encdiff import artifacts, dist, pictures, runtime
-from encdiff import checkpoint as ckpt
+from encdiff import ckpt_contents, dist, pictures, runtime
+from encdiff import ckpt_files as ckpt
 from encdiff.config import check_resumable, from_toml_text, help_text, parse_args, to_toml
 from encdiff.data import ensure_synth3d, load_all, open_dataset
 from encdiff.errors import UserError, exit_on_user_error
@@ -339,7 +339,7 @@ def train_vqvae(cfg, d, images, out_dir, vote):
     if v.kind == "pool":  # fixed: nothing to learn, one checkpoint so that stage 2 finds it as usual
         if d.is_main and ckpt.latest_good_checkpoint(stage_dir) is None:
             write_resolved_config(cfg, out_dir, stage_dir)
-            artifacts.save_fixed_vq(stage_dir / ckpt.checkpoint_name(v.steps), v.steps, cfg)
+            ckpt_contents.save_fixed_vq(stage_dir / ckpt.checkpoint_name(v.steps), v.steps, cfg)
         dist.print0(f"vqvae: kind 'pool' ({v.pool_size}x{v.pool_size} average pooling) has nothing to train")
         dist.barrier()
         return False
@@ -348,7 +348,7 @@ def train_vqvae(cfg, d, images, out_dir, vote):
     start = 0
     found = find_resume(stage_dir, cfg, "vqvae", d)
     if found is not None:
-        start = artifacts.load_vq_training(st, found[1], found[2], found[0])
+        start = ckpt_contents.load_vq_training(st, found[1], found[2], found[0])
     clock = StageClock(found[2] if found else None)
     if start >= v.steps:
         dist.print0(f"vqvae: finished already (step {start}), skipped")
@@ -367,7 +367,7 @@ def train_vqvae(cfg, d, images, out_dir, vote):
     def save(step, final=False):
         if d.is_main:
             guarded_save(
-                lambda s: artifacts.save_vq(stage_dir / ckpt.checkpoint_name(s), s, st, cfg, clock()),
+                lambda s: ckpt_contents.save_vq(stage_dir / ckpt.checkpoint_name(s), s, st, cfg, clock()),
                 step,
                 final,
                 stage_dir,
@@ -397,12 +397,12 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
     e, r = cfg.encdiff, cfg.run
     stage_dir = out_dir / "encdiff"
     stage_dir.mkdir(parents=True, exist_ok=True)
-    vq, vq_path = artifacts.frozen_vq(cfg, out_dir, d.device)
+    vq, vq_path = ckpt_contents.frozen_vq(cfg, out_dir, d.device)
     st = EncDiffStep(cfg, d, images, vq)
     start = 0
     found = find_resume(stage_dir, cfg, "encdiff", d)
     if found is not None:
-        start = artifacts.load_encdiff_training(st, found[1], found[2], found[0])
+        start = ckpt_contents.load_encdiff_training(st, found[1], found[2], found[0])
     clock = StageClock(found[2] if found else None)
     if start >= e.steps:
         dist.print0(f"encdiff: finished already (step {start}), skipped")
@@ -423,7 +423,7 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
     def save(step, final=False):
         if d.is_main:
             guarded_save(
-                lambda s: artifacts.save_encdiff(
+                lambda s: ckpt_contents.save_encdiff(
                     stage_dir / ckpt.checkpoint_name(s), s, st, cfg, vq_path, factor_sizes, clock()
                 ),
                 step,
@@ -447,7 +447,7 @@ def train_encdiff(cfg, d, images, out_dir, vote, factor_sizes=None):
                     bar.write(describe_target([record], cfg.eval))
         if d.is_main and (done % r.image_every == 0 or (done == e.steps and r.image_every <= e.steps)):
             pictures.save_reconstructions(
-                artifacts.trained_from_step(st),
+                ckpt_contents.trained_from_step(st),
                 x[:8],
                 stage_dir / f"samples_{done:08d}.png",
                 steps=min(50, cfg.eval.ddim_steps),
@@ -498,7 +498,7 @@ def main(argv=None):
             f"and runs far slower than fp32 ('auto' picks fp32 here)"
         )
     if cfg.vqvae.ckpt:
-        artifacts.check_given_vq(cfg)
+        ckpt_contents.check_given_vq(cfg)
     runtime.set_cuda_flags(d.device, cfg.perf.tf32)
     announce_plan(cfg, d)
     out_dir = Path(cfg.run.out_dir)

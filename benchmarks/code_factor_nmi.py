@@ -46,7 +46,7 @@ def main(argv=None):
     if args.bins < 2 or args.batch < 1:
         raise UserError(f"--bins {args.bins} must be >= 2 and --batch {args.batch} >= 1")
 
-    from encdiff.artifacts import load_trained  # torch only when run
+    from encdiff.ckpt_contents import load_trained  # torch only when run
     from encdiff.evaluation import encode_dataset, open_eval_dataset
 
     trained = load_trained(args.checkpoint)

@@ -1,6 +1,6 @@
 """Scoring a trained EncDiff: encode a dataset with its concept encoder, compute the metrics, tabulate.
 
-    trained = load_trained("runs/synth3d", overrides=[("data.path", "/fast/synth3d.h5")])  # encdiff.artifacts
+    trained = load_trained("runs/synth3d", overrides=[("data.path", "/fast/synth3d.h5")])  # encdiff.ckpt_contents
     ds = open_eval_dataset(trained)
     codes, kept = encode_dataset(trained.encoder, ds, 1024, trained.device, trained.amp, keep=[0, 5])
     scores = score_codes(codes, ds, None, seed=0, quick=True)   # factor metrics, or TAD for CelebA
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from encdiff.artifacts import IMAGE_SHAPE
+from encdiff.ckpt_contents import IMAGE_SHAPE
 from encdiff.data import open_dataset
 from encdiff.data.formats import FACTORS
 from encdiff.data.synth import GRIDS as SYNTH3D_GRIDS

@@ -7,7 +7,7 @@
 reconstructions.png (input, VQ reconstruction, DDIM sample from the image's tokens), traversal.png
 (each scalar swept over its range), swap.png (one token taken from another image), attention.png
 (each token's cross-attention over the image, with its colour scale). `trained` is an
-encdiff.artifacts.Trained: from a checkpoint (load_trained) or from a training step
+encdiff.ckpt_contents.Trained: from a checkpoint (load_trained) or from a training step
 (trained_from_step, for train.py's sample grids).
 """
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from encdiff.artifacts import IMAGE_SHAPE
+from encdiff.ckpt_contents import IMAGE_SHAPE
 from encdiff.images import grid, save_png, to_uint8, uint8_to_model
 from encdiff.models.unet import record_cross_attention
 

@@ -1,7 +1,7 @@
 """One home for each stage's training step: what a stage trains, and one update of it.
 
     step = EncDiffStep(cfg, d, images, vq)   # models, optimiser, EMA, batch order (stage 2)
-    step.load(tensors)                       # resume: before prepare (encdiff/artifacts.py reads the file)
+    step.load(tensors)                       # resume: before prepare (encdiff/ckpt_contents.py reads the file)
     step.prepare(start)                      # latents, DDP, compile, CUDA graph
     loss, grad_norm, x = step(i)             # one update of global step i
 

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from encdiff import checkpoint as ckpt
+from encdiff import ckpt_files as ckpt
 from encdiff.errors import UserError
 
 

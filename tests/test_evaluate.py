@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 import evaluate
 from conftest import ROOT
-from encdiff.checkpoint import prefixed, save_checkpoint
-from encdiff.artifacts import load_trained
+from encdiff.ckpt_files import prefixed, save_checkpoint
+from encdiff.ckpt_contents import load_trained
 from encdiff.config import build_config, from_toml_text, to_toml
 from encdiff.errors import UserError
 from encdiff.evaluation import encode_dataset, format_table, open_eval_dataset

@@ -44,7 +44,7 @@ def test_the_latent_must_have_the_images_channels():
 
 def test_train_and_evaluate_with_the_pool_stage(tmp_path, tiny_data, capsys):
     """The CPU preset's combination: pool stage + x0 prediction, through train and evaluate."""
-    from encdiff.artifacts import load_trained
+    from encdiff.ckpt_contents import load_trained
 
     out = tmp_path / "run"
     run_train(out, tiny_data, "--vqvae.kind=pool", "--encdiff.prediction=x0")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from encdiff import artifacts, dist, graphs, steps
-from encdiff import checkpoint as ckpt
+from encdiff import ckpt_contents, dist, graphs, steps
+from encdiff import ckpt_files as ckpt
 from encdiff.config import parse_args
 from encdiff.data import load_all, open_dataset
 from encdiff.models.encdiff import build_vq
@@ -89,7 +89,7 @@ def test_the_benchmark_step_is_train_pys_step(tiny_data, straight):
 
     out = straight  # trained with one thread (OMP_NUM_THREADS=1); only read here
     cfg = tiny_config(tiny_data, f"--run.out_dir={out}")
-    vq, _ = artifacts.frozen_vq(cfg, out, torch.device("cpu"))
+    vq, _ = ckpt_contents.frozen_vq(cfg, out, torch.device("cpu"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the CPU's reductions depend on the thread count
     try:
@@ -306,10 +306,10 @@ def test_captured_update_resumes_bitwise(tmp_path, tiny_data):
     straight, _ = run_steps(cfg, "encdiff", 6)
     first, _ = run_steps(cfg, "encdiff", 3)
     path = tmp_path / "c.safetensors"
-    artifacts.save_encdiff(path, 3, first, cfg, "vq")
+    ckpt_contents.save_encdiff(path, 3, first, cfg, "vq")
     tensors, meta = ckpt.load_checkpoint(path)
     resumed, _ = run_steps(
-        cfg, "encdiff", 3, start=3, load=lambda st: artifacts.load_encdiff_training(st, tensors, meta, path)
+        cfg, "encdiff", 3, start=3, load=lambda st: ckpt_contents.load_encdiff_training(st, tensors, meta, path)
     )
     a, b = state_of(straight), state_of(resumed)
     for k in a:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, final, run_train, train_args, train_error, train_in_process, weights
-from encdiff import checkpoint as ckpt
+from encdiff import ckpt_files as ckpt
 
 
 def test_one_process_trains_both_stages(tmp_path, tiny_data, straight, capsys, monkeypatch):

@@ -1,4 +1,5 @@
-"""Self-contained, safe checkpoints.
+"""Checkpoint files: how a checkpoint is stored, whatever it holds (encdiff/ckpt_contents.py says
+what each stage's holds).
 
 One safetensors file per checkpoint: tensors under prefixes (`model.`, `ema.`, `vq.`, `opt.`, ...),
 and string metadata: `step`, `stage`, `config` (the resolved TOML), `versions`, JSON extras

@@ -1,4 +1,5 @@
-"""What a stage's checkpoint holds, written and read in one place.
+"""Checkpoint contents: what a stage's checkpoint holds, written and read in one place (the files
+themselves are encdiff/ckpt_files.py's).
 
     save_vq(path, step, vq_step, cfg)                 # stage 1, during training
     load_vq_training(vq_step, tensors, meta)          # resume stage 1
@@ -8,7 +9,6 @@
     trained = load_trained(path_or_run_dir, files, overrides)   # evaluation: the EMA models
     trained = trained_from_step(enc_step)             # the same, from a training step (pictures)
 
-The files themselves (safetensors, checksum, atomic writes, keep-last-K) are encdiff/checkpoint.py's.
 Layout of a stage-1 file: `model.*` (the autoencoder), `opt.*` (Adam), `disc.*` and `opt_disc.*`
 (with vqvae.use_gan), `guard.*` (the non-finite guard's loss scale). A stage-2 file: `encoder.*`,
 `unet.*` (live weights), `ema.*` (the EMA of the U-Net's parameters, or of every EncDiff parameter
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from encdiff import checkpoint as ckpt
+from encdiff import ckpt_files as ckpt
 from encdiff import config as config_lib
 from encdiff import runtime
 from encdiff.errors import UserError
