@@ -16,7 +16,6 @@ step, dataset and quick/full; an earlier result is never replaced without --over
 pictures when eval.pictures is on.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -31,28 +30,29 @@ from encdiff import runtime
 from encdiff.ckpt_contents import load_trained
 from encdiff.config import split_args
 from encdiff.data import load_all
-from encdiff.errors import UserError, exit_on_user_error
+from encdiff.errors import ArgumentParser, UserError, exit_on_user_error
 from encdiff.evaluation import (
+    HEADLINE,
+    curve_point,
     degenerate_scores,
+    describe_target,
     describe_data,
     encode_dataset,
     fid_of_samples,
     format_table,
     open_eval_dataset,
+    plot_progress,
+    quick_scores,
     random_encoder,
+    read_jsonl,
     score_codes,
 )
 from encdiff.pictures import picture_indices, picture_settings, save_pictures
-from encdiff.progress import HEADLINE, describe_target, encode_codes, plot_progress, read_jsonl, score
 from encdiff.fid import HOW_TO_PROVIDE, load_inception
 from encdiff.metrics import metric_names
+from encdiff.runlog import append_jsonl
 
 FID_SAMPLES, FID_SAMPLES_QUICK = 10000, 64
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like every other user error
-        raise UserError(message)
 
 
 def parse_args(argv):
@@ -134,34 +134,26 @@ def every_checkpoint(args, files, overrides):
     out_dir = writable_dir(Path(args.out) if args.out else stage_dir / "eval_checkpoints", args.overwrite)
     names = metric_names(args.metrics) if args.metrics is not None else first.cfg.eval.every_metrics
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # --overwrite (or a folder without one)
-    images = torch.from_numpy(load_all(ds))  # (N, 64, 64, 3) uint8
+    images = torch.from_numpy(load_all(ds))  # (N, 64, 64, 3) uint8: read once for every checkpoint
     records = []
     for path in tqdm(paths, desc="checkpoints", unit="ckpt"):
         trained = load_trained(path, files, overrides)
         cfg = trained.cfg
-        codes = encode_codes(
-            trained.encoder,
-            images,
-            trained.device,
-            runtime.scoring_autocast(cfg, trained.device),
-            trained.channels_last,
+        amp = runtime.scoring_autocast(cfg, trained.device)
+        codes, _ = encode_dataset(
+            trained.encoder, images, cfg.eval.batch_size, trained.device, amp, trained.channels_last, progress=False
         )
-        record = {
-            "step": trained.step,
-            "images_seen": trained.step * cfg.encdiff.batch_size,
-            "wall_s": float(trained.meta.get("wall_s", "nan")),
-            "checkpoint": str(path),
-            **score(codes, ds.factor_sizes, names, cfg.eval.seed),
-        }
+        scores = quick_scores(codes, ds.factor_sizes, names, cfg.eval.seed)
+        wall_s = float(trained.meta.get("wall_s", "nan"))
+        seen = trained.step * cfg.encdiff.batch_size
+        record = {**curve_point(trained.step, seen, wall_s, scores), "checkpoint": str(path)}
         records.append(record)
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(out_dir / "metrics.jsonl", record)
         print(f"step {trained.step:,}: " + ", ".join(f"{n}.{HEADLINE[n]} {record[n][HEADLINE[n]]:.3f}" for n in names))
     ev = first.cfg.eval
     print(describe_target(records, ev))
     log = read_jsonl(stage_dir / "log.jsonl")
-    targets = {"factor_vae": ev.target_factor_vae, "dci": ev.target_dci}
-    if plot_progress(out_dir / "progress.png", log, records, f"{run}: every checkpoint", targets):
+    if plot_progress(out_dir / "progress.png", log, records, f"{run}: every checkpoint", ev):
         print(f"wrote {out_dir / 'progress.png'}")
     else:
         print("progress.png skipped: matplotlib is not installed (pip install -e '.[plot]')")
@@ -216,7 +208,7 @@ def main(argv=None):
     keep = picture_indices(n_images, len(ds), seed) if cfg.eval.pictures else ()
     t0 = time.perf_counter()
     codes, kept = encode_dataset(
-        trained.encoder, ds, cfg.eval.batch_size, trained.device, score_amp, trained.channels_last, keep=keep
+        trained.encoder, ds.images, cfg.eval.batch_size, trained.device, score_amp, trained.channels_last, keep=keep
     )
     seconds = time.perf_counter() - t0
     print(f"encoded {len(ds):,} images in {seconds:.1f} s ({len(ds) / seconds:,.0f} images/s)")
@@ -232,7 +224,7 @@ def main(argv=None):
     if args.baseline == "random":
         floor_codes, _ = encode_dataset(
             random_encoder(trained, seed, ds),
-            ds,
+            ds.images,
             cfg.eval.batch_size,
             trained.device,
             score_amp,

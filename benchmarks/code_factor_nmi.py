@@ -53,7 +53,7 @@ def main(argv=None):
     ds = open_eval_dataset(trained)
     if not getattr(ds, "factor_sizes", None):
         raise UserError(f"{ds.name}: no factor grid, so there is nothing to compare the codes with")
-    codes, _ = encode_dataset(trained.encoder, ds, args.batch, trained.device)
+    codes, _ = encode_dataset(trained.encoder, ds.images, args.batch, trained.device)
     factors = np.stack(np.unravel_index(np.arange(len(ds)), ds.factor_sizes), 1)  # (N, F): row-major grid
     nmi = code_factor_nmi(codes, factors, ds.factor_sizes, args.bins)
     names = list(ds.factor_names)

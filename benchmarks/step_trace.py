@@ -28,7 +28,6 @@ These are predictions, not measurements: benchmarks/train_bench.py --profile mea
 Ops that CUDA runs inside another op (cuBLAS workspaces, cuDNN's own transposes) are not seen.
 """
 
-import argparse
 import collections
 import copy
 import json
@@ -51,7 +50,7 @@ sys.path[:0] = [str(ROOT)]
 import kernels  # noqa: E402
 from encdiff import dist  # noqa: E402
 from encdiff.config import build_config, split_args  # noqa: E402
-from encdiff.errors import UserError, exit_on_user_error  # noqa: E402
+from encdiff.errors import ArgumentParser, UserError, exit_on_user_error  # noqa: E402
 from encdiff.models.unet import Attention, Stage  # noqa: E402
 from encdiff.runtime import LOW_DTYPES, versions  # noqa: E402
 from encdiff.steps import EncDiffStep, build_step  # noqa: E402
@@ -198,9 +197,9 @@ def cuda_attention_rule(model):
 # Python code outside any module, by (file, function), innermost frame first
 CODE_PARTS = (
     ("torch/optim/", None, "optimiser"),
-    ("encdiff/steps.py", "apply", "EMA"),
-    ("encdiff/steps.py", "step", "non-finite guard"),
-    ("encdiff/steps.py", "update", "non-finite guard"),
+    ("encdiff/optim.py", "apply", "EMA"),
+    ("encdiff/optim.py", "step", "non-finite guard"),
+    ("encdiff/optim.py", "update", "non-finite guard"),
     ("encdiff/diffusion.py", None, "diffusion loss"),
     ("encdiff/models/vq_loss.py", None, "loss"),
 )
@@ -696,11 +695,6 @@ def format_report(report, stage, precision):
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like every other user error
-        raise UserError(message)
 
 
 def parse_args(argv):

@@ -23,7 +23,6 @@ The step is train.py's step: both build it from encdiff/steps.py (models, optimi
 order, latent cache, CUDA graph); only the release's DataLoader baseline feeds it other batches.
 """
 
-import argparse
 import copy
 import gc
 import json
@@ -42,11 +41,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import step_profile  # noqa: E402
 from encdiff import dist  # noqa: E402
 from encdiff.config import ARCH_KEYS, build_config, split_args  # noqa: E402
-from encdiff.errors import UserError, exit_on_user_error  # noqa: E402
+from encdiff.errors import ArgumentParser, UserError, exit_on_user_error  # noqa: E402
 from encdiff.images import uint8_to_model  # noqa: E402
 from encdiff.models.encdiff import build_encoder, build_unet, build_vq, count_params  # noqa: E402
 from encdiff.runtime import set_cuda_flags, versions  # noqa: E402
-from encdiff.steps import Window, build_step as build_stage_step  # noqa: E402
+from encdiff.runlog import Window, peak_memory_mb  # noqa: E402
+from encdiff.steps import build_step as build_stage_step  # noqa: E402
 
 STAGES = ("vqvae", "encdiff")
 STAGE_TITLES = {"vqvae": "stage 1: VQ autoencoder", "encdiff": "stage 2: concept encoder + latent U-Net"}
@@ -122,11 +122,6 @@ TARGETS = (
     ("encdiff", 1024, "img_s", 20_000, "{:.0f} img/s", ">= 20,000"),
     ("vqvae", 256, "img_s", 10_000, "{:.0f} img/s", ">= 10,000"),
 )
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, like every other user error
-        raise UserError(message)
 
 
 def parse_args(argv):
@@ -344,19 +339,6 @@ def reset_peak_memory(device):
             f.write("5")
     except OSError:
         pass
-
-
-def peak_memory_mb(device):
-    if device.type != "cuda":
-        try:
-            with open("/proc/self/status") as f:
-                line = next(line for line in f if line.startswith("VmHWM:"))
-            return int(line.split()[1]) / 1024
-        except (OSError, StopIteration, ValueError):
-            pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def release_memory(device):

@@ -6,6 +6,7 @@ themselves are encdiff/ckpt_files.py's).
     vq, path = frozen_vq(cfg, out_dir, device)         # stage 2's frozen first stage
     save_encdiff(path, step, enc_step, cfg, vq_source, factor_sizes)
     load_encdiff_training(enc_step, tensors, meta)    # resume stage 2
+    save_training / load_training(step, found)        # either stage; found = find_resume(...)
     trained = load_trained(path_or_run_dir, files, overrides)   # evaluation: the EMA models
     trained = trained_from_step(enc_step)             # the same, from a training step (pictures)
 
@@ -26,11 +27,10 @@ import torch
 
 from encdiff import ckpt_files as ckpt
 from encdiff import config as config_lib
-from encdiff import runtime
+from encdiff import dist, runtime
 from encdiff.errors import UserError
+from encdiff.images import IMAGE_SHAPE
 from encdiff.models.encdiff import build_diffusion, build_encoder, build_unet, build_vq
-
-IMAGE_SHAPE = (64, 64, 3)
 
 
 def load_weights(module, state, what, path):
@@ -165,6 +165,35 @@ def load_encdiff_training(st, tensors, meta, path):
 
 
 # ---------------------------------------------------------------------------------------------
+# either stage
+
+
+def save_training(path, step, st, cfg, wall_s=0.0):
+    """The checkpoint of a stage's step (VQStep or EncDiffStep) after `step` updates."""
+    if st.stage == "vqvae":
+        save_vq(path, step, st, cfg, wall_s)
+    else:
+        save_encdiff(path, step, st, cfg, st.vq_source, st.factor_sizes, wall_s)
+
+
+def load_training(st, found):
+    """Resume a stage's step from find_resume's (path, tensors, meta); -> its step."""
+    path, tensors, meta = found
+    load = load_vq_training if st.stage == "vqvae" else load_encdiff_training
+    return load(st, tensors, meta, path)
+
+
+def checkpoint_bytes(st):
+    """About the size of a stage's checkpoint: its fp32 weights, the optimiser's two moments, and in
+    stage 2 the EMA and the frozen first stage too."""
+    if st.stage == "vqvae":
+        modules, copies = [st.model] + ([st.disc] if st.disc is not None else []), 3
+    else:
+        modules, copies = [st.model, st.vq], 4
+    return copies * sum(p.numel() * 4 for m in modules for p in m.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
 # a trained EncDiff, for evaluation and pictures
 
 
@@ -269,3 +298,26 @@ def trained_from_step(st):
         device=st.d.device,
         amp=st.amp,
     )
+
+
+def find_resume(stage_dir, cfg, stage, d):
+    """The checkpoint a stage resumes from: (path, tensors, meta) of the newest good one, or None;
+    run.resume = "never" with checkpoints there, a changed key the stage fixes, or ranks that would
+    resume from different steps (a run directory not shared by every node) is one clear error."""
+    if cfg.run.resume == "never":
+        if ckpt.list_checkpoints(stage_dir):
+            raise UserError(f"{stage_dir} already holds checkpoints and run.resume = 'never': use a new run.out_dir")
+        return None
+    found = ckpt.latest_good_checkpoint(stage_dir)
+    if found is not None:
+        path, _, meta = found
+        config_lib.check_resumable(_stored_config(meta, path), cfg, stage, path)
+    # every rank must resume from the same step: on several nodes run.out_dir must be a shared disk
+    mine = int(found[2]["step"]) if found is not None else 0
+    first = dist.broadcast_object(mine)
+    if mine != first:
+        raise UserError(
+            f"rank {d.rank} would resume {stage} from step {mine} but rank 0 from step {first}: "
+            f"run.out_dir must be on a disk shared by every node"
+        )
+    return found

@@ -11,7 +11,6 @@ truncated or bit-flipped file is detected. Nothing is ever unpickled. Writes are
 import hashlib
 import json
 import os
-import platform
 import re
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from encdiff import __version__
+from encdiff import runtime
 from encdiff.errors import UserError
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.safetensors$")
@@ -28,10 +27,6 @@ CKPT_RE = re.compile(r"^ckpt_(\d{8})\.safetensors$")
 
 def checkpoint_name(step):
     return f"ckpt_{step:08d}.safetensors"
-
-
-def versions():
-    return json.dumps({"encdiff": __version__, "torch": torch.__version__, "python": platform.python_version()})
 
 
 def tensors_checksum(tensors):
@@ -103,7 +98,7 @@ def save_checkpoint(path, tensors, *, step, stage, config_toml, extra=None):
         "step": str(step),
         "stage": stage,
         "config": config_toml,
-        "versions": versions(),
+        "versions": json.dumps(runtime.versions()),
         "checksum": tensors_checksum(tensors),
     }
     for k, v in (extra or {}).items():

@@ -65,7 +65,8 @@ class VQVAEConfig:
     kl_weight: float = 1e-6  # kind = "kl" only
     steps: int = 20000
     batch_size: int = 256  # global, split across ranks
-    lr: float = 1.152e-3  # released: 4.5e-6 x batch 256
+    lr: float = 1.152e-3  # at lr_ref_batch; the used lr is lr * batch_size / lr_ref_batch (released: 4.5e-6 x 256)
+    lr_ref_batch: int = 256
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     ch: int = 32
     ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
@@ -388,6 +389,7 @@ def validate(cfg, sources=None):
     for k in ("beta", "disc_weight", "disc_start"):
         _check(getattr(v, k) >= 0, f"vqvae.{k}", f"must be >= 0; got {getattr(v, k)}")
     _check(e.lr_ref_batch > 0, "encdiff.lr_ref_batch", f"must be positive; got {e.lr_ref_batch}")
+    _check(v.lr_ref_batch > 0, "vqvae.lr_ref_batch", f"must be positive; got {v.lr_ref_batch}")
     _check(e.warmup_steps >= 0, "encdiff.warmup_steps", f"must be >= 0; got {e.warmup_steps}")
     _check(e.weight_decay >= 0, "encdiff.weight_decay", f"must be >= 0; got {e.weight_decay}")
     _check(0 <= e.ema_decay < 1, "encdiff.ema_decay", f"must be in [0, 1); got {e.ema_decay}")
@@ -487,6 +489,7 @@ STAGE_KEYS = {
             "kl_weight",
             "batch_size",
             "lr",
+            "lr_ref_batch",
             "betas",
             "beta",
             "legacy_beta",
@@ -617,5 +620,7 @@ def from_toml_text(text, where="stored config"):
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{where}: not valid TOML ({e})") from None
     apply_dict(cfg, data, where, stored=True)
+    if "lr_ref_batch" not in data.get("vqvae", {}):  # stored before stage 1's lr scaled: lr was absolute
+        cfg.vqvae.lr_ref_batch = cfg.vqvae.batch_size
     validate(cfg)
     return cfg

@@ -3,6 +3,7 @@ few collectives the trainer needs. Works for `python train.py` (one process, no 
 and under torchrun on one or several nodes (NCCL on CUDA, gloo on the CPU)."""
 
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -133,3 +134,71 @@ def barrier():
 def cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# stopping on a signal, every rank at the same step
+
+
+class Stopped(Exception):
+    """A stop signal arrived before training started (data generation, latent caching)."""
+
+
+class StopSignal:
+    """SIGTERM/SIGINT (and any configured signal) ask the run to stop: during training it finishes
+    its step, writes a checkpoint and exits with 128 + the signal's number (130 after Ctrl-C, 143
+    after SIGTERM), so that a preempted job resumes where it stopped and `train.py && evaluate.py`
+    evaluates only a finished run. Installed first, so the long work before the first step
+    (generating the data, caching latents) polls check() and stops at once too. A second signal
+    interrupts."""
+
+    def __init__(self, names):
+        self.received = None
+        for name in names:
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def check(self):
+        if self.received is not None:
+            raise Stopped(self.received)
+
+    @property
+    def exit_code(self):
+        # a rank stopped by another rank's signal says SIGTERM's
+        return 128 + getattr(signal, self.received or "SIGTERM")
+
+
+class StopVote:
+    """Whether any rank received a stop signal, decided alike on every rank without waiting for the
+    device: each vote starts an all-reduce of this rank's flag and reads the one the previous vote
+    started (finished long ago), so every rank stops one vote after the first signal, at one step."""
+
+    def __init__(self, stop, d):
+        self.stop, self.d = stop, d
+        self.flag = torch.zeros(1, dtype=torch.int32, device=d.device)
+        self.pending = None  # (host copy of the last vote's result, event after its copy)
+
+    def __call__(self):
+        if not self.d.enabled:
+            return self.stop.received is not None
+        agreed = False
+        if self.pending is not None:
+            host, event = self.pending
+            if event is not None:
+                event.synchronize()
+            agreed = bool(host.item())  # a host tensor: no device sync
+        self.flag.fill_(int(self.stop.received is not None))
+        torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MAX)
+        if self.d.device.type == "cuda":
+            host = torch.empty(1, dtype=self.flag.dtype, pin_memory=True)
+            host.copy_(self.flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (host, event)
+        else:
+            self.pending = (self.flag.clone(), None)
+        return agreed

@@ -3,6 +3,7 @@
 Entry points catch it and print its message as one line, exit status 2, no traceback.
 """
 
+import argparse
 import sys
 
 
@@ -17,3 +18,10 @@ def exit_on_user_error(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors: one line and exit status 2, like every other."""
+
+    def error(self, message):
+        raise UserError(message)

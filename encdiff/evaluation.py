@@ -2,7 +2,7 @@
 
     trained = load_trained("runs/synth3d", overrides=[("data.path", "/fast/synth3d.h5")])  # encdiff.ckpt_contents
     ds = open_eval_dataset(trained)
-    codes, kept = encode_dataset(trained.encoder, ds, 1024, trained.device, trained.amp, keep=[0, 5])
+    codes, kept = encode_dataset(trained.encoder, ds.images, 1024, trained.device, trained.amp, keep=[0, 5])
     scores = score_codes(codes, ds, None, seed=0, quick=True)   # factor metrics, or TAD for CelebA
     print(format_table(scores, None, ds.name))
     fid = fid_of_samples(trained, ds, load_inception("pt_inception.pth"), 1000, steps=50, seed=0, batch_size=250)
@@ -20,14 +20,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from encdiff.ckpt_contents import IMAGE_SHAPE
 from encdiff.data import open_dataset
 from encdiff.data.formats import FACTORS
 from encdiff.data.synth import GRIDS as SYNTH3D_GRIDS
 from encdiff.errors import UserError
-from encdiff.fid import fid_from_features, inception_features
-from encdiff.images import uint8_to_model
-from encdiff.metrics import compute_all, tad
+from encdiff.images import IMAGE_SHAPE, check_images, uint8_to_model
 from encdiff.models.encdiff import build_encoder
 from encdiff.pictures import decode_tokens
 
@@ -109,10 +106,7 @@ def open_eval_dataset(trained):
             f"encdiff.data.synth --out {cfg.data.path} --grid {cfg.data.grid}"
         )
     ds = open_dataset(cfg.data.name, cfg.data.path)
-    if tuple(ds.images.shape[1:]) != IMAGE_SHAPE:
-        raise UserError(
-            f"{cfg.data.path}: images are {'x'.join(map(str, ds.images.shape[1:]))}; the concept encoder needs 64x64x3"
-        )
+    check_images(ds.images.shape, cfg.data.path)
     sizes = ds.factor_sizes
     if sizes is None:
         return ds
@@ -132,32 +126,47 @@ def open_eval_dataset(trained):
     return ds
 
 
+ENCODE_BATCH = 1024  # images per forward when the live metrics encode the dataset
+
+
 @torch.no_grad()
-def encode_dataset(encoder, ds, batch_size, device, amp=nullcontext(), channels_last=False, keep=(), progress=True):
-    """Every image's representation (the encoder's scalars), in index order, in one streamed pass.
+def encode_dataset(encoder, images, batch_size, device, amp=nullcontext(), channels_last=False, keep=(), progress=True):
+    """Every image's representation (the encoder's scalars), in index order, in one pass, with the
+    encoder in eval mode (its mode put back after). `images`: a dataset's streamed Images (read
+    chunk by chunk) or a (N, 64, 64, 3) uint8 tensor (the one in memory while training).
 
     -> (codes (N, num_tokens) float32 numpy, the images at the indices `keep` (K, 64, 64, 3) uint8),
     so that pictures never need a second (random-access) read of a streamed dataset."""
+    n_images = len(images)
+    if hasattr(images, "chunks"):
+        batches = images.chunks(batch_size)
+    else:
+        batches = (images[s : s + batch_size] for s in range(0, n_images, batch_size))
+    was_training = encoder.training
     encoder.eval()
     keep = np.asarray(keep, dtype=np.int64)
     kept = np.zeros((len(keep), *IMAGE_SHAPE), np.uint8)
-    codes = torch.empty((len(ds), encoder.num_tokens), dtype=torch.float32, device=device)
+    codes = torch.empty((n_images, encoder.num_tokens), dtype=torch.float32, device=device)
     start = 0
-    with tqdm(
-        total=len(ds), desc="encoding", unit="img", unit_scale=True, disable=not progress, dynamic_ncols=True
-    ) as bar:
-        for chunk in ds.images.chunks(batch_size):
-            n = len(chunk)
-            here = (keep >= start) & (keep < start + n)
-            kept[here] = chunk[keep[here] - start]
-            # uint8 travels to the device (4x fewer bytes than float); conversion happens there
-            x = uint8_to_model(torch.from_numpy(chunk).to(device), channels_last)  # (n, 3, 64, 64)
-            with amp:
-                codes[start : start + n] = encoder.encode(x).float()
-            start += n
-            bar.update(n)
-    if start != len(ds):
-        raise UserError(f"{ds.path}: read {start} images, expected {len(ds)}")
+    try:
+        with tqdm(
+            total=n_images, desc="encoding", unit="img", unit_scale=True, disable=not progress, dynamic_ncols=True
+        ) as bar:
+            for chunk in batches:
+                chunk = torch.as_tensor(chunk)  # (n, 64, 64, 3) uint8
+                n = len(chunk)
+                here = (keep >= start) & (keep < start + n)
+                kept[here] = chunk[torch.from_numpy(keep[here] - start)].cpu().numpy()
+                # uint8 travels to the device (4x fewer bytes than float); conversion happens there
+                x = uint8_to_model(chunk.to(device, non_blocking=True), channels_last)  # (n, 3, 64, 64)
+                with amp:
+                    codes[start : start + n] = encoder.encode(x).float()
+                start += n
+                bar.update(n)
+    finally:
+        encoder.train(was_training)
+    if start != n_images:
+        raise UserError(f"read {start} images, expected {n_images}")
     return codes.cpu().numpy(), kept
 
 
@@ -176,6 +185,8 @@ def score_codes(codes, ds, metrics=None, seed=0, quick=False, report=None):
     """The scores a dataset supports: the factor metrics (encdiff.metrics.compute_all, which calls
     report(name, seconds) as each finishes) on a factor grid; TAD on attribute labels (CelebA);
     nothing otherwise (imagefolder)."""
+    from encdiff.metrics import compute_all, tad  # scikit-learn: only where something is scored
+
     if ds.factor_sizes is not None:
         return compute_all(codes, ds.factor_sizes, metrics, seed=seed, quick=quick, report=report)
     if getattr(ds, "attributes", None) is not None:
@@ -183,11 +194,21 @@ def score_codes(codes, ds, metrics=None, seed=0, quick=False, report=None):
     return {}
 
 
+def quick_scores(codes, factor_sizes, metrics, seed):
+    """The quick metrics of codes: what the live metrics (in their worker) and evaluate.py
+    --every-checkpoint score at each point of the curve."""
+    from encdiff.metrics import compute_all
+
+    return compute_all(codes, factor_sizes, metrics, seed=seed, quick=True, n_jobs=1)
+
+
 @torch.no_grad()
 def fid_of_samples(trained, ds, inception, num_samples, steps, seed, batch_size, progress=True):
     """FID between num_samples dataset images (a seeded random choice) and their DDIM
     reconstructions: each image's tokens condition a DDIM sample (eta 1) from fresh noise, which
     the stage-1 decoder turns into an image. -> {"fid", "num_samples", "ddim_steps"}."""
+    from encdiff.fid import fid_from_features, inception_features  # scipy: only when FID is asked for
+
     rows = np.sort(np.random.RandomState(seed).choice(len(ds), min(num_samples, len(ds)), replace=False))
     g = torch.Generator(device=trained.device).manual_seed(seed)
     real, fake = [], []
@@ -265,3 +286,103 @@ def format_table(results, baseline, dataset_name, notes=None):
 
     table = [line(header), "  ".join("-" * w for w in widths), *map(line, rows)]
     return "\n".join(table + [f"(!) {name}: {why}" for name, why in notes.items()])
+
+
+# ---------------------------------------------------------------------------------------------
+# the curve: the quick metrics at points of a training run (metrics.jsonl, progress.png)
+
+HEADLINE = {  # the number that stands for each metric on the curve
+    "factor_vae": "eval_accuracy",
+    "dci": "disentanglement",
+    "mig": "discrete_mig",
+    "sap": "sap_score",
+    "beta_vae": "eval_accuracy",
+    "modularity_explicitness": "modularity",
+}
+
+
+def reached(record, target_factor_vae, target_dci):
+    fv = record.get("factor_vae", {}).get("eval_accuracy")
+    dci = record.get("dci", {}).get("disentanglement")
+    return fv is not None and dci is not None and fv >= target_factor_vae and dci >= target_dci
+
+
+def read_jsonl(path):
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def first_reached(records, target_factor_vae, target_dci):
+    return next((r for r in records if reached(r, target_factor_vae, target_dci)), None)
+
+
+def describe_target(records, cfg_eval, steps_total=None):
+    """One line: when the quick FactorVAE and DCI (eval.every's small sample counts, not evaluate.py's
+    full ones) first reached their targets, or the best so far."""
+    ev = cfg_eval
+    goal = f"quick FactorVAE >= {ev.target_factor_vae:g} and DCI >= {ev.target_dci:g}"
+    hit = first_reached(records, ev.target_factor_vae, ev.target_dci)
+    if hit is not None:
+        return (
+            f"time to disentanglement ({goal}): step {hit['step']:,}, {hit['wall_s'] / 60:.1f} min, "
+            f"{hit['images_seen']:,} images (FactorVAE {hit['factor_vae']['eval_accuracy']:.3f}, "
+            f"DCI {hit['dci']['disentanglement']:.3f})"
+        )
+    scored = [r for r in records if "factor_vae" in r and "dci" in r]
+    if not scored:
+        return f"time to disentanglement ({goal}): no scores yet"
+    best = max(scored, key=lambda r: r["factor_vae"]["eval_accuracy"] + r["dci"]["disentanglement"])
+    until = f" in {steps_total:,} steps" if steps_total else ""
+    return (
+        f"time to disentanglement ({goal}): not reached{until}; best at step {best['step']:,}: FactorVAE "
+        f"{best['factor_vae']['eval_accuracy']:.3f}, DCI {best['dci']['disentanglement']:.3f}"
+    )
+
+
+def curve_point(step, images_seen, wall_s, scores=None):
+    """One record of metrics.jsonl: where in training, then the quick scores."""
+    return {"step": step, "images_seen": images_seen, "wall_s": round(wall_s, 2), **(scores or {})}
+
+
+def plot_progress(path, log, records, title="", cfg_eval=None):
+    """progress.png: the loss (log.jsonl records) and each metric's headline value against step and
+    against wall time, with eval's targets (FactorVAE, DCI) dashed. Without matplotlib (an optional
+    extra) nothing is drawn and False returned."""
+    targets = {} if cfg_eval is None else {"factor_vae": cfg_eval.target_factor_vae, "dci": cfg_eval.target_dci}
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
+    for col, (x_key, x_label, scale) in enumerate((("step", "step", 1), ("wall_s", "wall time (min)", 1 / 60))):
+        ax = axes[0][col]
+        points = [(r[x_key] * scale, r["loss"]) for r in log if x_key in r and r.get("loss") is not None]
+        if points:
+            ax.plot(*zip(*points), color="black", lw=1)
+            ax.set_yscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("training loss")
+        ax = axes[1][col]
+        for name, key in HEADLINE.items():
+            points = [(r[x_key] * scale, r[name][key]) for r in records if name in r and x_key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, label=f"{name}.{key}")
+        for value in targets.values():
+            ax.axhline(value, color="grey", ls="--", lw=0.8)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("score (quick)")
+        if ax.lines:
+            ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+    return True

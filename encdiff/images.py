@@ -7,6 +7,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from encdiff.errors import UserError
+
+IMAGE_SHAPE = (64, 64, 3)  # what every model here takes: 64x64 RGB, uint8 in storage
+
+
+def check_images(shape, where):
+    """A dataset's images (N, 64, 64, 3), or one line naming `where` and what it holds."""
+    if tuple(shape[1:]) != IMAGE_SHAPE:
+        raise UserError(f"{where}: images are {'x'.join(map(str, shape[1:]))}; the models need 64x64x3")
+
 
 def uint8_to_model(x_u8, channels_last=False):
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]: what the models take."""
@@ -37,8 +47,3 @@ def save_png(array, path, scale=1):
     if scale != 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     img.save(path)
-
-
-def save_grid(x, path, nrow, scale=1):
-    """Save (N, 3, H, W) images in [-1, 1] as one PNG grid."""
-    save_png(grid(to_uint8(x), nrow), path, scale)

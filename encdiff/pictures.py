@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from encdiff.ckpt_contents import IMAGE_SHAPE
-from encdiff.images import grid, save_png, to_uint8, uint8_to_model
+from encdiff.images import IMAGE_SHAPE, grid, save_png, to_uint8, uint8_to_model
 from encdiff.models.unet import record_cross_attention
 
 

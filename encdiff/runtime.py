@@ -4,15 +4,18 @@ device = pick_device(cfg.run.device)          # evaluate.py, benchmarks (train.p
 prec = precision(cfg.perf.precision, device)  # "bf16" | "fp16" | "fp32"
 with autocast(prec, device): ...              # LOW_DTYPES.get(prec): its dtype, None for fp32
 set_cuda_flags(device, cfg.perf.tf32)  # TF32, cuDNN autotuner
-versions()                                    # torch, triton, xformers, commit: for benchmark reports
+versions()                                    # encdiff, python, torch, triton, xformers, commit
 """
 
+import functools
+import platform
 import subprocess
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from encdiff import __version__
 from encdiff.errors import UserError
 
 
@@ -60,9 +63,11 @@ def set_cuda_flags(device, tf32):
         torch.backends.cudnn.benchmark = True
 
 
+@functools.cache
 def versions():
-    """{torch, triton, xformers, commit}: what a benchmark figure must name (None where missing)."""
-    info = {"torch": torch.__version__}
+    """{encdiff, python, torch, triton, xformers, commit}: what a benchmark figure must name and a
+    checkpoint records (None where missing). The same for the whole process."""
+    info = {"encdiff": __version__, "python": platform.python_version(), "torch": torch.__version__}
     for mod in ("triton", "xformers"):
         try:
             info[mod] = __import__(mod).__version__

@@ -16,26 +16,24 @@ bookkeeping) is recorded once in a CUDA graph and replayed (perf.cuda_graph); wh
 possible the reason is printed and the same update runs eagerly.
 """
 
-import copy
 import inspect
 import math
 import os
-import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import kernels
 from encdiff import dist, runtime
 from encdiff.graphs import Graphed, Snapshot, capture_on_every_rank
 from encdiff.images import uint8_to_model
 from encdiff.low_precision import LowPrecisionWeights
-from encdiff.models.encdiff import EncDiff, build_diffusion, build_encoder, build_unet, build_vq
+from encdiff.models.encdiff import EncDiff, build_diffusion, build_encoder, build_unet, build_vq, count_params
 from encdiff.models.encoder import ConceptEncoder
 from encdiff.models.unet import ResBlock, SpatialTransformer
 from encdiff.models.vqvae import AttnBlock, ResnetBlock
 from encdiff.models.vq_loss import VQLoss
+from encdiff.optim import EMA, NonFiniteGuard, lr_factor, make_optimizer, scaled_lr
 from encdiff.sync_bn import convert_to_global_bn
 
 # Test hook for fault injection: ENCDIFF_INJECT_NAN="3,4" makes the loss of steps 3 and 4 NaN.
@@ -74,169 +72,6 @@ class BatchOrder:
         return self.global_indices(step)[self.rank * self.local : (self.rank + 1) * self.local]
 
 
-class NonFiniteGuard:
-    """Skips an update whose gradients are not all finite, without a host sync.
-
-    The gradient norm (which the log reports anyway) is the check: a NaN or inf anywhere makes it
-    non-finite. The fused optimisers read the flag on the device and then leave parameters, moments
-    and step counts untouched. fp16 also scales the loss dynamically (GradScaler's rule: halve on a
-    non-finite step, double after 2,000 finite ones, in torch's own kernel); bf16 and fp32 need no
-    scale, so no pass over the gradients multiplies them by 1. A non-fused optimiser cannot read the
-    flag: there the check costs one host sync per update (perf.fused_adam = false, the release's)."""
-
-    def __init__(self, prec, device, fused):
-        self.fp16, self.fused = prec == "fp16", fused
-        self.scale = torch.full((), 2.0**16 if self.fp16 else 1.0, device=device)
-        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
-        self.found_inf = torch.zeros((), device=device)  # of this update: 1.0 when it was skipped
-
-    def backward(self, loss):
-        (loss * self.scale if self.fp16 else loss).backward()
-
-    def step(self, opt, params):
-        """opt.step() unless a gradient is not finite; -> the gradient norm (unscaled)."""
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        if self.fp16:
-            norm = norm / self.scale
-        found = (~torch.isfinite(norm)).float()
-        self.found_inf.copy_(torch.maximum(self.found_inf, found))
-        if self.fused:
-            opt.grad_scale, opt.found_inf = (self.scale if self.fp16 else None), found
-            try:
-                opt.step()
-            finally:
-                del opt.grad_scale, opt.found_inf
-        elif not found.item():
-            if self.fp16:
-                torch._foreach_div_(grads, self.scale)
-            opt.step()
-        return norm
-
-    def start(self):
-        """Before an update's first step(): no skip recorded yet."""
-        self.found_inf.zero_()
-
-    def update(self):
-        """After an update's last step(): fp16's dynamic scale follows whether it was skipped."""
-        if self.fp16:
-            torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, 2.0, 0.5, 2000)
-
-    def state(self):
-        return {"scale": self.scale, "growth_tracker": self.growth_tracker}
-
-
-class EMA:
-    """Exponential moving average of a module's parameters, with LDM's warm-up: update n (1, 2, ...)
-    uses decay min(decay, (1 + n) / (10 + n)) and moves the average by (1 - decay) * (avg - param),
-    as LDM's LitEma does. The decay lives in a device tensor written before each update, so a
-    captured update reads the current one."""
-
-    def __init__(self, module, decay):
-        named = list(module.named_parameters())
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        self.avg = [p.detach().clone().float() for p in self.params]  # the parameters' strides
-        self.max_decay = decay
-        self.step_size = torch.zeros((), device=self.params[0].device)  # -(1 - decay)
-
-    @property
-    def one_minus_decay(self):
-        return -self.step_size
-
-    def set_update(self, n):
-        """The decay of the n-th update (n >= 1)."""
-        self.step_size.fill_(min(self.max_decay, (1 + n) / (10 + n)) - 1.0)
-
-    @torch.no_grad()
-    def apply(self):
-        # avg -= (1 - decay) * (avg - param) in one multi-tensor pass: a plain SGD step on the average
-        # whose gradient is the parameters, with weight decay -1 (the gradient becomes param - avg) and
-        # step size -(1 - decay). Without grad_scale the fused SGD writes only the average.
-        torch._fused_sgd_(
-            self.avg,
-            self.params,
-            [],
-            weight_decay=-1.0,
-            momentum=0.0,
-            lr=self.step_size,
-            dampening=0.0,
-            nesterov=False,
-            maximize=False,
-            is_first_step=False,
-        )
-
-    def state_dict(self):
-        return dict(zip(self.names, self.avg))
-
-    def load_state_dict(self, state):
-        missing = [n for n in self.names if n not in state]
-        assert not missing, f"EMA state lacks {missing[:3]}"
-        for name, avg in zip(self.names, self.avg):
-            avg.copy_(state[name])
-
-
-class Window:
-    """The log's sums over the steps since the last log, kept on the device so that a step never
-    syncs: mean loss and gradient norm of the finite steps, the skipped (non-finite) steps, and how
-    many were skipped in a row (train.py stops after run.max_nonfinite)."""
-
-    def __init__(self, device):
-        self.device = device
-        self.streak = torch.zeros((), device=device)  # non-finite steps in a row
-        self.reset()
-
-    def reset(self):
-        z = lambda: torch.zeros((), device=self.device)  # noqa: E731
-        self.loss, self.grad_norm, self.good, self.skipped = z(), z(), z(), z()
-        self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
-
-    def add(self, loss, grad_norm, images):
-        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
-        self.loss += torch.where(bad, 0.0, loss.detach().float())
-        self.grad_norm += torch.where(bad, 0.0, grad_norm.float())
-        self.good += ~bad
-        self.skipped += bad
-        self.streak = (self.streak + 1) * bad
-        self.steps += 1
-        self.images += images
-
-
-def attention_refusal(cfg, device):
-    """Why perf.attention cannot run the U-Net's attention on this device, or None: asked with
-    tensors of its widest attended level before any work ("triton" serves cross-attention only)."""
-    e, backend = cfg.encdiff, cfg.perf.attention
-    if backend == "auto":
-        return None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        runtime.precision(cfg.perf.precision, device), torch.float32
-    )
-    width = e.model_channels * max(e.channel_mult[level] for level in [*e.attention_levels, len(e.channel_mult) - 1])
-    keys = [e.num_tokens] if backend == "triton" else [e.num_tokens, 256]  # cross; self-attention at 16x16
-    for n in keys:
-        q = torch.zeros(1, 4, width, device=device, dtype=dtype)  # (B, Lq, C)
-        k = torch.zeros(1, n, width, device=device, dtype=dtype)  # (B, Lk, C)
-        reason = kernels.available_backends(q, k, k, e.num_heads)[backend]
-        if reason is not None:
-            return reason
-    return None
-
-
-def lr_factor(step, warmup):
-    """Linear warm-up then constant (LDM's LambdaLinearScheduler with f_start 1e-6)."""
-    if warmup <= 0 or step >= warmup:
-        return 1.0
-    return 1e-6 + (1.0 - 1e-6) * step / warmup
-
-
-def make_optimizer(cls, params, lr, betas, fused, **kw):
-    # lr as a tensor lets a captured update read the current learning rate (fused optimisers only)
-    return cls(params, lr=lr, betas=tuple(betas), fused=fused, **kw)
-
-
-# What perf.compile_scope = "blocks" compiles: the blocks the models repeat. Each is compiled once
-# per distinct shape and reused by every block of that shape (RESULTS.md, "The step's budget", has
-# the compile times of both scopes).
 COMPILE_BLOCKS = (ResBlock, SpatialTransformer, ConceptEncoder, ResnetBlock, AttnBlock)
 BLOCK_SHAPES = 64  # compiled versions each block's code may keep (dynamo's default, 8, is too few)
 
@@ -278,7 +113,7 @@ NO_BUFFER_SYNC = (
 )
 
 
-def graph_refusal(cfg, d, images, fused, extra=None):
+def graph_refusal(cfg, images, fused, extra=None):
     """Why this step cannot be captured, or None."""
     if not cfg.perf.cuda_graph:
         return "perf.cuda_graph = false"
@@ -366,6 +201,8 @@ class VQStep(Step):
     """Stage 1: the autoencoder's reconstruction + codebook loss (+ PatchGAN when vqvae.use_gan),
     Adam, the non-finite skip. __call__ -> (loss, grad norm, x, reconstruction)."""
 
+    stage = "vqvae"
+
     def __init__(self, cfg, d, images):
         v, p = cfg.vqvae, cfg.perf
         self.cfg, self.d, self.images = cfg, d, images
@@ -379,10 +216,11 @@ class VQStep(Step):
             disc_weight=v.disc_weight, disc_start=v.disc_start, lpips_path=v.lpips_path or None, use_gan=v.use_gan
         ).to(d.device)
         self.fused = p.fused_adam
-        self.opt = make_optimizer(torch.optim.Adam, self.model.parameters(), v.lr, v.betas, self.fused)
+        self.lr = scaled_lr(v)
+        self.opt = make_optimizer(torch.optim.Adam, self.model.parameters(), self.lr, v.betas, self.fused)
         self.disc = self.loss_fn.discriminator if v.use_gan else None
         self.opt_d = (
-            make_optimizer(torch.optim.Adam, self.disc.parameters(), v.lr, v.betas, self.fused)
+            make_optimizer(torch.optim.Adam, self.disc.parameters(), self.lr, v.betas, self.fused)
             if self.disc is not None
             else None
         )
@@ -396,13 +234,22 @@ class VQStep(Step):
     def optimizers(self):
         return [self.opt] + ([self.opt_d] if self.opt_d is not None else [])
 
+    def lr_at(self, step):
+        """The learning rate of global step `step` (constant in stage 1)."""
+        return self.lr
+
+    def summary(self, start):
+        v = self.cfg.vqvae
+        params = count_params(self.model)
+        return f"vqvae: {params:,} parameters, steps {start} -> {v.steps}, global batch {v.batch_size}"
+
     def prepare(self, start, stop=None, verbose=True):
         """DDP, compile, the CUDA graph (stop and verbose: as EncDiffStep.prepare's, nothing to poll)."""
         self.forward = compile_model(
             wrap_ddp(self.with_low_precision_weights(self.model), self.d), self.cfg.perf.compile
         )
         gan = "vqvae.use_gan: the GAN's loss changes with the step and its adaptive weight needs eager autograd"
-        refusal = graph_refusal(self.cfg, self.d, self.images, self.fused, gan if self.disc is not None else None)
+        refusal = graph_refusal(self.cfg, self.images, self.fused, gan if self.disc is not None else None)
         self.capture(start, refusal, "vqvae")
 
     def set_inputs(self, step):
@@ -462,11 +309,14 @@ class EncDiffStep(Step):
     """Stage 2: the diffusion loss through the concept encoder and the U-Net, AdamW with linear
     warm-up, the non-finite skip, the EMA. t and the noise are drawn for the whole global batch from
     one generator seeded alike on every rank and sliced, so N ranks train as one.
-    __call__ -> (loss, grad norm, x)."""
+    __call__ -> (loss, grad norm, x). vq_source and factor_sizes go into its checkpoints."""
 
-    def __init__(self, cfg, d, images, vq):
+    stage = "encdiff"
+
+    def __init__(self, cfg, d, images, vq, vq_source=None, factor_sizes=None):
         e, p = cfg.encdiff, cfg.perf
         self.cfg, self.d, self.images, self.vq = cfg, d, images, vq
+        self.vq_source, self.factor_sizes = vq_source, factor_sizes
         self.prec = runtime.precision(p.precision, d.device)
         self.amp = runtime.autocast(self.prec, d.device, cache_enabled=False)  # capturable
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
@@ -477,7 +327,7 @@ class EncDiffStep(Step):
         if p.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.lr = e.lr * e.batch_size / e.lr_ref_batch  # linear scaling with the global batch
+        self.lr = scaled_lr(e)
         self.fused = p.fused_adam
         lr = torch.tensor(self.lr, device=d.device) if self.fused else self.lr
         self.opt = make_optimizer(
@@ -495,6 +345,17 @@ class EncDiffStep(Step):
 
     def optimizers(self):
         return [self.opt]
+
+    def lr_at(self, step):
+        """The learning rate of global step `step`: linear warm-up, then constant."""
+        return self.lr * lr_factor(step, self.cfg.encdiff.warmup_steps)
+
+    def summary(self, start):
+        e, m = self.cfg.encdiff, self.model
+        return (
+            f"encdiff: encoder {count_params(m.encoder):,} + U-Net {count_params(m.unet):,} parameters, "
+            f"steps {start} -> {e.steps}, global batch {e.batch_size}, lr {self.lr:.3g}, VQ from {self.vq_source}"
+        )
 
     def own_generators(self):
         return [self.noise_gen]
@@ -516,7 +377,7 @@ class EncDiffStep(Step):
         model = self.with_low_precision_weights(self.model)
         ddp = wrap_ddp(model, self.d, static_graph=True, gradient_as_bucket_view=True, **NO_BUFFER_SYNC)
         self.forward = compile_model(ddp, self.cfg.perf.compile, self.cfg.perf.compile_scope)
-        self.capture(start, graph_refusal(self.cfg, self.d, self.images, self.fused), "encdiff")
+        self.capture(start, graph_refusal(self.cfg, self.images, self.fused), "encdiff")
 
     def latents_of(self, idx, x=None):
         """(b, C, h, w) pre-quantisation latents of images idx (x: those images, when at hand)."""
@@ -528,13 +389,12 @@ class EncDiffStep(Step):
             return self.vq.encode(x).float()
 
     def set_inputs(self, step):
-        e = self.cfg.encdiff
-        factor = lr_factor(step, e.warmup_steps)
+        lr = self.lr_at(step)
         for g in self.opt.param_groups:
             if torch.is_tensor(g["lr"]):
-                g["lr"].fill_(self.lr * factor)
+                g["lr"].fill_(lr)
             else:
-                g["lr"] = self.lr * factor
+                g["lr"] = lr
         self.ema.set_update(step + 1)
         if INJECT_NAN:
             self.poison.fill_(math.nan if step in INJECT_NAN else 1.0)
@@ -569,32 +429,3 @@ def build_step(stage, cfg, d, images, vq=None):
         torch.manual_seed(cfg.run.seed)
         vq = build_vq(cfg.vqvae).to(d.device).eval().requires_grad_(False)
     return EncDiffStep(cfg, d, images, vq)
-
-
-PLAN_BATCH = 32  # the largest per-rank batch the plan times: the cost per image falls with the batch up to about here
-
-
-def seconds_per_image(stage, cfg, d, steps=3):
-    """How long `stage` takes per trained image under cfg on d's device: the fastest of `steps`
-    eager updates on random images at the stage's per-rank batch (at most PLAN_BATCH), after one
-    warm-up (compile and CUDA graph off: their first step is their own cost). For a plan before any
-    long work, not a benchmark (RESULTS.md says how close it came)."""
-    cfg = copy.deepcopy(cfg)
-    cfg.perf.compile, cfg.perf.cuda_graph = "off", False
-    section = getattr(cfg, stage)
-    batch = min(section.batch_size // d.world_size, PLAN_BATCH)
-    section.batch_size = batch * d.world_size
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(
-        0, 256, (2 * section.batch_size, 64, 64, 3), dtype=torch.uint8, generator=g
-    )  # (N, 64, 64, 3)
-    with torch.random.fork_rng(devices=[]):
-        st = build_step(stage, cfg, d, images)
-        st.prepare(0, verbose=False)
-        st(0)[0].item()
-        fastest = math.inf
-        for i in range(1, steps + 1):
-            t0 = time.perf_counter()
-            st(i)[0].item()  # the device has finished
-            fastest = min(fastest, time.perf_counter() - t0)
-    return fastest / batch

@@ -161,7 +161,7 @@ def test_load_trained_whole_module_ema_keeps_live_batchnorm_statistics(run, tmp_
 def test_encode_dataset_is_in_index_order_across_batches(run, trained):
     ds = open_eval_dataset(trained)
     keep = [23, 0, 11, 10]  # across the batch boundaries of batch size 10
-    codes, kept = encode_dataset(trained.encoder, ds, 10, trained.device, keep=keep, progress=False)
+    codes, kept = encode_dataset(trained.encoder, ds.images, 10, trained.device, keep=keep, progress=False)
     images = ds.images[np.arange(len(ds))]
     with torch.no_grad():
         expected = trained.encoder.encode(uint8_to_model(torch.from_numpy(images))).numpy()

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from encdiff import ckpt_contents, dist, graphs, steps
+from encdiff import ckpt_contents, dist, graphs, optim, steps
 from encdiff import ckpt_files as ckpt
 from encdiff.config import parse_args
 from encdiff.data import load_all, open_dataset
 from encdiff.models.encdiff import build_vq
+from encdiff.runlog import Window
 from conftest import ROOT, TINY, final, run_train
 
 SYNCING_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.item")
@@ -64,16 +65,15 @@ def test_no_host_sync_inside_a_step(tiny_data, precision):
     images = dataset_tensor(cfg)
     for stage, st in stage_steps(cfg, images).items():
         st.prepare(0)
-        win = steps.Window(torch.device("cpu"))
-        vote = train.StopVote(train.StopSignal([]), one_process())
+        win = Window(torch.device("cpu"))
+        vote = dist.StopVote(dist.StopSignal([]), one_process())
+        cadence = train.Cadence(cfg.run, one_process(), 100, None, _Bar(), vote, lambda *a, **k: None)
         st(0)  # the optimiser's state is made at its first step
         with CountSyncs() as counter:
             for i in range(1, 2):  # the optimiser's state exists: a steady step
                 out = st(i)
                 win.add(out[0], out[1], len(out[2]))
-                assert not train.end_of_step(
-                    i + 1, 100, cfg.run, one_process(), win, 1e-3, None, _Bar(), vote, lambda *a, **k: None
-                )
+                assert not cadence.after_step(i + 1, win, 1e-3, 0.0, {})
         assert counter.seen == {}, (stage, precision, counter.seen)
 
 
@@ -116,7 +116,7 @@ def fused_adamw(params, lr=1e-2):
 def test_a_nonfinite_gradient_leaves_the_optimiser_untouched():
     p = torch.nn.Parameter(torch.randn(5, 3))
     opt = fused_adamw([p])
-    guard = steps.NonFiniteGuard("fp32", torch.device("cpu"), fused=True)
+    guard = optim.NonFiniteGuard("fp32", torch.device("cpu"), fused=True)
     for g in (torch.ones(5, 3), torch.full((5, 3), math.nan)):
         before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()} if opt.state else None)
         p.grad = g
@@ -133,7 +133,7 @@ def test_a_nonfinite_gradient_leaves_the_optimiser_untouched():
 def test_fp16_scale_halves_on_overflow_and_the_norm_is_unscaled():
     p = torch.nn.Parameter(torch.zeros(4))
     opt = fused_adamw([p])
-    guard = steps.NonFiniteGuard("fp16", torch.device("cpu"), fused=True)
+    guard = optim.NonFiniteGuard("fp16", torch.device("cpu"), fused=True)
     scale = guard.scale.item()
     guard.start()
     guard.backward((p * torch.tensor([1.0, 2.0, 2.0, 4.0])).sum())  # gradient (1, 2, 2, 4): norm 5
@@ -152,7 +152,7 @@ def test_ema_follows_ldm_litema_and_its_warmup():
     """LDM's LitEma: num_updates starts at 0 and is incremented before use, so update 1 has decay
     min(decay, 2/11); shadow -= (1 - decay) * (shadow - param)."""
     module = torch.nn.Linear(3, 2)
-    ema = steps.EMA(module, decay=0.9999)
+    ema = optim.EMA(module, decay=0.9999)
     shadow = {n: p.detach().clone() for n, p in module.named_parameters()}
     for n in range(1, 6):
         with torch.no_grad():
@@ -172,7 +172,7 @@ def test_ema_follows_ldm_litema_and_its_warmup():
 def test_ema_is_one_fused_pass_on_cuda_that_leaves_the_weights_alone():
     """CUDA's fused SGD kernel (the EMA's one pass) writes only the average: the weights stay."""
     module = torch.nn.Linear(300, 200).cuda()
-    ema = steps.EMA(module, decay=0.9999)
+    ema = optim.EMA(module, decay=0.9999)
     with torch.no_grad():
         module.weight.add_(1.0)
     before = [p.detach().clone() for p in module.parameters()]

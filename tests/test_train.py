@@ -27,9 +27,10 @@ def test_one_process_trains_both_stages(tmp_path, tiny_data, straight, capsys, m
     assert any(k.startswith("vq.") for k in ck) and any(k.startswith("ema.") for k in ck) and "scale_factor" in ck
     # a finished run is skipped on the next invocation, and its plan says so (no steps timed, however
     # short a run the CPU plan would time)
-    import train
 
-    monkeypatch.setattr(train, "PLAN_MIN_STEPS", 1)
+    from encdiff import plan
+
+    monkeypatch.setattr(plan, "PLAN_MIN_STEPS", 1)
     assert train_in_process(*train_args(out, tiny_data)) == 0
     printed = capsys.readouterr().out
     assert "finished already" in printed and "nothing to train" in printed and "timing" not in printed
@@ -205,7 +206,7 @@ def test_metrics_while_training_leave_the_training_bitwise_unchanged(tmp_path, t
 
 def test_time_to_disentanglement_is_the_first_step_at_both_targets():
     from encdiff.config import build_config
-    from encdiff.progress import describe_target
+    from encdiff.evaluation import describe_target
 
     def rec(step, fv, dci):
         return {
@@ -223,26 +224,26 @@ def test_time_to_disentanglement_is_the_first_step_at_both_targets():
 
 
 def test_progress_png_is_skipped_without_matplotlib(tmp_path, monkeypatch):
-    from encdiff.progress import plot_progress
+    from encdiff.evaluation import plot_progress
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert plot_progress(tmp_path / "p.png", [], []) is False and not (tmp_path / "p.png").exists()
 
 
 def test_rows_past_the_resumed_step_are_dropped_with_a_torn_line(tmp_path):
-    import train
+    from encdiff.runlog import drop_rows_after
 
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 2}\n{"step": 4}\n{"step": 6}\n{"step": 8, "lo')  # stopped mid-write
-    train.drop_rows_after(log, 4)
+    drop_rows_after(log, 4)
     assert log.read_text() == '{"step": 2}\n{"step": 4}\n' and not list(tmp_path.glob(".*tmp*"))
-    train.drop_rows_after(tmp_path / "none.jsonl", 4)  # no log yet: nothing to do
+    drop_rows_after(tmp_path / "none.jsonl", 4)  # no log yet: nothing to do
 
 
 def test_the_cpu_plan_times_the_stages_batch(monkeypatch):
     """The plan times steps at the stage's per-rank batch (at most PLAN_BATCH): at batch 8 it said 37
     minutes for the CPU preset's 16-minute stage 2 (RESULTS.md)."""
-    from encdiff import dist, steps
+    from encdiff import dist, plan
     from encdiff.config import build_config
 
     built = []
@@ -254,10 +255,10 @@ def test_the_cpu_plan_times_the_stages_batch(monkeypatch):
         built.append((cfg.encdiff.batch_size, len(images)))
         raise Done
 
-    monkeypatch.setattr(steps, "build_step", build_step)
+    monkeypatch.setattr(plan, "build_step", build_step)
     one = dist.Dist(0, 0, 1, torch.device("cpu"))
-    for batch, expected in ((16, 16), (128, steps.PLAN_BATCH)):
+    for batch, expected in ((16, 16), (128, plan.PLAN_BATCH)):
         cfg = build_config([ROOT / "config.toml"], [("encdiff.batch_size", str(batch))])
         with pytest.raises(Done):
-            steps.seconds_per_image("encdiff", cfg, one)
+            plan.seconds_per_image("encdiff", cfg, one)
         assert built[-1][0] == expected

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from encdiff.data.dataset import GroundTruthDataset, Images
 from encdiff.data.folders import open_celeba, open_imagefolder
 from encdiff.errors import UserError
+from encdiff.images import IMAGE_SHAPE
 
 # (name, size) of each factor, in the row order of the published files.
 FACTORS = {
@@ -49,7 +50,6 @@ FACTORS = {
     "dsprites": (("shape", 3), ("scale", 6), ("orientation", 40), ("pos_x", 32), ("pos_y", 32)),
     "cars3d": (("elevation", 4), ("azimuth", 24)),  # then ("object", number of .mat files)
 }
-IMAGE_SHAPE = (64, 64, 3)
 
 
 def need_file(path, what):

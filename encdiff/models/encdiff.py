@@ -46,6 +46,11 @@ def build_encoder(e):
     return ConceptEncoder(num_tokens=e.num_tokens, token_dim=e.token_dim, ch=e.encoder_ch)
 
 
+def latent_side(v, image_side=64):
+    """The side of the first stage's latent (16 at the defaults) for a VQVAEConfig."""
+    return image_side // (v.pool_size if v.kind == "pool" else 2 ** (len(v.ch_mult) - 1))
+
+
 def build_unet(e, latent_channels, attn_backend="auto"):
     unet = UNet(
         in_channels=latent_channels,
@@ -60,7 +65,6 @@ def build_unet(e, latent_channels, attn_backend="auto"):
         grad_checkpoint=e.grad_checkpoint,
         attn_backend=attn_backend,
     )
-    unet.set_attn_backend(attn_backend)
     return unet
 
 

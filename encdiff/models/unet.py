@@ -239,11 +239,10 @@ class UNet(nn.Module):
         self.set_attn_backend(attn_backend)  # one place knows what "triton" means per layer
 
     def set_attn_backend(self, backend):
-        """The attention backend of every layer. "triton" is the short-key kernel: it serves the
-        cross-attention (20 keys), while self-attention (up to 256 keys) stays on "auto"."""
+        """The attention backend of every layer (layer_backend's rule)."""
         for m in self.modules():
             if isinstance(m, Attention):
-                m.backend = "auto" if backend == "triton" and not m.is_cross else backend
+                m.backend = layer_backend(backend, m.is_cross)
 
     def forward(self, x, t, context):
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
@@ -255,6 +254,22 @@ class UNet(nn.Module):
         for stage in self.output_blocks:
             h = stage(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
+
+
+def layer_backend(backend, is_cross):
+    """The backend a layer runs under perf.attention = backend: "triton" is the short-key kernel,
+    which serves the cross-attention (a few tokens); self-attention (up to 256 keys) stays on "auto"."""
+    return "auto" if backend == "triton" and not is_cross else backend
+
+
+def attention_sites(model_channels, channel_mult, attention_levels, num_tokens, side):
+    """(queries, keys, width, is_cross) of each kind of attention call the U-Net makes on a side x
+    side latent: self- and cross-attention at every attended level and in the middle block (at the
+    last level), one tuple each."""
+    for level in sorted({*attention_levels, len(channel_mult) - 1}):
+        positions, width = (side >> level) ** 2, model_channels * channel_mult[level]
+        yield positions, positions, width, False
+        yield positions, num_tokens, width, True
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""encdiff/progress.py: the live metrics' worker process never takes the training down: it ignores
+"""encdiff/live.py: the live metrics' worker process never takes the training down: it ignores
 the stop signals the trainer owns, a dead worker means one line and no more live metrics, no scoring
 starts once a stop is pending, and a wait says what it waits for."""
 
@@ -13,7 +13,7 @@ import torch
 from conftest import SMOKE, train_args, run_train
 from encdiff.config import build_config
 from encdiff.models.encdiff import build_encoder
-from encdiff.progress import LiveMetrics
+from encdiff.live import LiveMetrics
 
 
 def live_metrics(data, stage_dir):

@@ -1,5 +1,5 @@
-"""How a run is doing while it trains: the quick metrics of the live encoder, time to disentanglement,
-and progress.png.
+"""The quick metrics of the live encoder while stage 2 trains (eval.every), time to disentanglement
+on the progress bar, and progress.png.
 
     live = LiveMetrics(cfg, stage_dir, factor_sizes, images, device)
     live.maybe_start(step, encoder, images_seen, wall_s)   # at eval.every steps: encode, hand over
@@ -8,11 +8,10 @@ and progress.png.
 
 The encoding runs on the training device in eval mode without gradients (a forward pass, no
 BatchNorm update, no random draw), and the metrics in a separate process on the host's cores, so
-training goes on meanwhile and trains exactly as with eval.every = 0. evaluate.py --every-checkpoint
-writes the same records from a run's checkpoints.
+training goes on meanwhile and trains exactly as with eval.every = 0. The records, the curve and the
+target line are encdiff/evaluation.py's, which evaluate.py --every-checkpoint uses too.
 """
 
-import json
 import multiprocessing
 import signal
 import warnings
@@ -21,37 +20,19 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from encdiff import runtime
-from encdiff.images import uint8_to_model
-
-HEADLINE = {
-    "factor_vae": "eval_accuracy",
-    "dci": "disentanglement",
-    "mig": "discrete_mig",
-    "sap": "sap_score",
-    "beta_vae": "eval_accuracy",
-    "modularity_explicitness": "modularity",
-}
-ENCODE_BATCH = 1024
-
-
-@torch.no_grad()
-def encode_codes(encoder, images, device, amp, channels_last=False, batch=ENCODE_BATCH):
-    """The representation (N, num_tokens) float32 numpy of every image of a (N, 64, 64, 3) uint8
-    tensor, with the encoder in eval mode; its training mode is put back after."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        chunks = []
-        for s in range(0, len(images), batch):
-            x = uint8_to_model(images[s : s + batch].to(device, non_blocking=True), channels_last)  # (b, 3, 64, 64)
-            with amp:
-                chunks.append(encoder.encode(x).float())
-        return torch.cat(chunks).cpu().numpy()
-    finally:
-        encoder.train(was_training)
+from encdiff.runlog import append_jsonl
+from encdiff.evaluation import (
+    ENCODE_BATCH,
+    HEADLINE,
+    curve_point,
+    encode_dataset,
+    first_reached,
+    plot_progress,
+    quick_scores,
+    reached,
+    read_jsonl,
+)
 
 
 def ignore_signals(names):
@@ -72,94 +53,6 @@ def signals_ignored(names):
     finally:
         for name, handler in handlers.items():
             signal.signal(getattr(signal, name), handler)
-
-
-def score(codes, factor_sizes, metrics, seed):
-    """The quick metrics of codes (what the background process runs)."""
-    from encdiff.metrics import compute_all  # here: scikit-learn is a second of the trainer's start-up
-
-    return compute_all(codes, factor_sizes, metrics, seed=seed, quick=True, n_jobs=1)
-
-
-def reached(record, target_factor_vae, target_dci):
-    fv = record.get("factor_vae", {}).get("eval_accuracy")
-    dci = record.get("dci", {}).get("disentanglement")
-    return fv is not None and dci is not None and fv >= target_factor_vae and dci >= target_dci
-
-
-def read_jsonl(path):
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def first_reached(records, target_factor_vae, target_dci):
-    return next((r for r in records if reached(r, target_factor_vae, target_dci)), None)
-
-
-def describe_target(records, cfg_eval, steps_total=None):
-    """One line: when the quick FactorVAE and DCI (eval.every's small sample counts, not evaluate.py's
-    full ones) first reached their targets, or the best so far."""
-    ev = cfg_eval
-    goal = f"quick FactorVAE >= {ev.target_factor_vae:g} and DCI >= {ev.target_dci:g}"
-    hit = first_reached(records, ev.target_factor_vae, ev.target_dci)
-    if hit is not None:
-        return (
-            f"time to disentanglement ({goal}): step {hit['step']:,}, {hit['wall_s'] / 60:.1f} min, "
-            f"{hit['images_seen']:,} images (FactorVAE {hit['factor_vae']['eval_accuracy']:.3f}, "
-            f"DCI {hit['dci']['disentanglement']:.3f})"
-        )
-    scored = [r for r in records if "factor_vae" in r and "dci" in r]
-    if not scored:
-        return f"time to disentanglement ({goal}): no scores yet"
-    best = max(scored, key=lambda r: r["factor_vae"]["eval_accuracy"] + r["dci"]["disentanglement"])
-    until = f" in {steps_total:,} steps" if steps_total else ""
-    return (
-        f"time to disentanglement ({goal}): not reached{until}; best at step {best['step']:,}: FactorVAE "
-        f"{best['factor_vae']['eval_accuracy']:.3f}, DCI {best['dci']['disentanglement']:.3f}"
-    )
-
-
-def plot_progress(path, log, records, title="", targets=None):
-    """progress.png: the loss (log.jsonl records) and each metric's headline value against step and
-    against wall time, with the targets (FactorVAE, DCI) dashed. Without matplotlib (an optional
-    extra) nothing is drawn and False returned."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
-    for col, (x_key, x_label, scale) in enumerate((("step", "step", 1), ("wall_s", "wall time (min)", 1 / 60))):
-        ax = axes[0][col]
-        points = [(r[x_key] * scale, r["loss"]) for r in log if x_key in r and r.get("loss") is not None]
-        if points:
-            ax.plot(*zip(*points), color="black", lw=1)
-            ax.set_yscale("log")
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("training loss")
-        ax = axes[1][col]
-        for name, key in HEADLINE.items():
-            points = [(r[x_key] * scale, r[name][key]) for r in records if name in r and x_key in r]
-            if points:
-                ax.plot(*zip(*points), marker="o", ms=3, label=f"{name}.{key}")
-        for value in (targets or {}).values():
-            ax.axhline(value, color="grey", ls="--", lw=0.8)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("score (quick)")
-        if ax.lines:
-            ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
-    return True
 
 
 class LiveMetrics:
@@ -186,10 +79,9 @@ class LiveMetrics:
         """At eval.every steps, unless a stop is pending: encode and hand the codes to the worker."""
         if stopping or not self.due(done):
             return
-        codes = encode_codes(
-            encoder, self.images, self.device, self.amp, self.cfg.perf.channels_last and self.device.type == "cuda"
-        )
-        job = (score, codes, self.factor_sizes, self.cfg.eval.every_metrics, self.cfg.eval.seed)
+        cl = self.cfg.perf.channels_last and self.device.type == "cuda"
+        codes, _ = encode_dataset(encoder, self.images, ENCODE_BATCH, self.device, self.amp, cl, progress=False)
+        job = (quick_scores, codes, self.factor_sizes, self.cfg.eval.every_metrics, self.cfg.eval.seed)
         names = self.cfg.run.stop_signals
         try:
             if self.pool is None:  # the worker starts at the first submit
@@ -206,7 +98,7 @@ class LiveMetrics:
         except Exception as e:  # the worker is gone (BrokenProcessPool): training goes on without it
             self.give_up(e)
             return
-        self.pending.append((future, {"step": done, "images_seen": images_seen, "wall_s": round(wall_s, 2)}))
+        self.pending.append((future, curve_point(done, images_seen, wall_s)))
 
     def give_up(self, error):
         """One line, then no live metrics: a dead scoring process must never stop the training."""
@@ -241,8 +133,7 @@ class LiveMetrics:
             ):
                 record["target_reached"] = True
             self.records.append(record)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.path, record)
             self.latest = {k[:4]: f"{record[k][v]:.2f}" for k, v in HEADLINE.items() if k in record}
             arrived.append(record)
         if arrived:
@@ -252,9 +143,7 @@ class LiveMetrics:
     def redraw(self):
         log = read_jsonl(self.stage_dir / "log.jsonl")
         out = self.stage_dir.parent / "progress.png"
-        ev = self.cfg.eval
-        targets = {"factor_vae": ev.target_factor_vae, "dci": ev.target_dci}
-        drawn = plot_progress(out, log, self.records, f"{self.stage_dir.parent}: stage 2", targets)
+        drawn = plot_progress(out, log, self.records, f"{self.stage_dir.parent}: stage 2", self.cfg.eval)
         if not drawn and not self.announced_plot:
             warnings.warn(
                 "progress.png skipped: matplotlib is not installed (pip install -e '.[plot]'); "
