@@ -47,7 +47,7 @@ from torch.utils.flop_counter import flop_registry
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-import kernels  # noqa: E402
+import kernels.dispatch  # noqa: E402
 from encdiff import dist  # noqa: E402
 from encdiff.config import build_config, split_args  # noqa: E402
 from encdiff.errors import ArgumentParser, UserError, exit_on_user_error  # noqa: E402

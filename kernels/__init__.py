@@ -8,16 +8,35 @@ Invalid inputs raise ValueError; a forced backend that cannot run raises kernels
 The package imports nothing from encdiff/: it is usable, and testable, on its own.
 
 kernels/dispatch.py holds the backends and the `auto` rules; kernels/cross_attention.py the fused
-Triton kernel for short key sequences; kernels/nearest_code.py the codebook search without the
+Triton kernel for short key sequences; kernels/codebook_search.py the codebook search without the
 distance matrix; kernels/reference.py the plain definitions.
 """
 
-from kernels.dispatch import (  # noqa: F401
-    AUTO_RULE,
-    BACKENDS,
-    attention,
-    available_backends,
-    choose_backend,
-    nearest_code,
-)
-from kernels.reference import BackendUnavailable, nearest_code_reference, reference_attention  # noqa: F401
+import importlib
+
+# The attention backends by name. Here, not in dispatch.py, so that a config check can list them
+# without importing torch or triton; dispatch.py asserts it implements exactly these.
+BACKENDS = ("triton", "xformers", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "math")
+
+_EXPORTS = {
+    "AUTO_RULE": "kernels.dispatch",
+    "attention": "kernels.dispatch",
+    "available_backends": "kernels.dispatch",
+    "choose_backend": "kernels.dispatch",
+    "nearest_code": "kernels.dispatch",
+    "BackendUnavailable": "kernels.reference",
+    "nearest_code_reference": "kernels.reference",
+    "reference_attention": "kernels.reference",
+}
+
+
+def __getattr__(name):
+    """The package's functions, imported on first use (PEP 562): `import kernels` stays cheap."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["BACKENDS", *_EXPORTS]

@@ -15,14 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import kernels
 from kernels.reference import BackendUnavailable, check_inputs, nearest_code_reference, reference_attention
 
 try:
-    from kernels import cross_attention, nearest_code as codes
+    from kernels import codebook_search, cross_attention
 
     _TRITON_IMPORT_ERROR = None
 except ImportError as e:  # e.g. no triton wheel for this platform: the other backends still work
-    cross_attention = codes = None
+    codebook_search = cross_attention = None
     _TRITON_IMPORT_ERROR = f"triton is not importable ({e})"
 
 SDPA_PINS = {
@@ -32,6 +33,7 @@ SDPA_PINS = {
     "sdpa_math": SDPBackend.MATH,
 }
 BACKENDS = ("triton", "xformers", "sdpa", *SDPA_PINS, "math")
+assert BACKENDS == kernels.BACKENDS, "kernels/__init__.py lists the backends dispatch.py implements"
 
 # The rule `auto` follows, from benchmarks/attn_bench.py on CUDA (the measurements are in
 # benchmarks/RESULTS.md, "Attention kernels"): the fused kernel only where it won forward+backward,
@@ -238,9 +240,9 @@ def nearest_code(z, codebook, *, backend="auto"):
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"nearest_code: backend {backend!r} is not auto, triton or torch")
     reason = _TRITON_IMPORT_ERROR
-    if codes is not None:
-        codes.check_codes(z, codebook)
-        reason = codes.unsupported_reason(z, codebook)
+    if codebook_search is not None:
+        codebook_search.check_codes(z, codebook)
+        reason = codebook_search.unsupported_reason(z, codebook)
     if backend == "auto":
         backend = "triton" if reason is None and z.device.type in ("cuda", "meta") else "torch"
     if backend == "torch":

@@ -220,12 +220,14 @@ def test_custom_ops_live_in_the_kernels_namespace():
 
 
 def test_kernels_import_without_encdiff():
-    """kernels/ is a standalone package: it imports, and runs attention, with encdiff unimportable.
-    The backend is forced to triton because dispatch turns a failed import of cross_attention into
-    "triton unavailable" rather than an error."""
+    """kernels/ is a standalone package: it imports, and runs attention, with encdiff unimportable;
+    importing it (to read kernels.BACKENDS, as the config check does) loads no kernel. The backend
+    is forced to triton because dispatch turns a failed import of cross_attention into "triton
+    unavailable" rather than an error."""
     code = (
         "import sys; sys.modules['encdiff'] = None\n"  # None in sys.modules: any import of it fails
         "import torch, kernels\n"
+        "assert 'triton' not in sys.modules and 'kernels.dispatch' not in sys.modules, 'kernels imports lazily'\n"
         "q = torch.randn(1, 4, 16)\n"
         "assert kernels.attention(q, q, q, 2, backend='triton').shape == q.shape"
     )
@@ -352,7 +354,7 @@ def test_gpu_inductor_compiles_the_fused_kernel():
 
 
 # ----------------------------------------------------------------------------------------------
-# the nearest codebook entry (kernels/nearest_code.py)
+# the nearest codebook entry (kernels/codebook_search.py)
 
 
 def codes_inputs(N, K, C, seed, device=DEVICE, dtype=torch.float32):
