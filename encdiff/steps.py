@@ -269,7 +269,11 @@ class VQStep(Step):
         )
         loss, grad_norm = self.backward_and_step(loss)
         if self.opt_d is not None:
-            d_loss, _ = self.loss_fn.discriminator_loss(x, xrec.detach().float(), self.step_now)
+            # The release's order (Lightning's two-optimiser loop): the autoencoder runs again after
+            # its update and the discriminator learns from that new reconstruction.
+            with torch.no_grad(), self.amp:
+                xrec_after, _, _ = self.forward(x)
+            d_loss, _ = self.loss_fn.discriminator_loss(x, xrec_after.float(), self.step_now)
             self.opt_d.zero_grad(set_to_none=True)
             self.guard.backward(d_loss)
             self.guard.step(self.opt_d, list(self.disc.parameters()))

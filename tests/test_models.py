@@ -111,6 +111,9 @@ def test_ema_codebook_follows_data_and_restarts_dead_codes(threshold):
     before = codes.clone()
     q.eval()(two_clusters(64, 99))
     assert torch.equal(before, q.codebook.weight)  # eval mode leaves the codebook alone
+    with torch.no_grad():
+        q.train()(two_clusters(64, 98))
+    assert torch.equal(before, q.codebook.weight)  # so does a no-grad re-run (the GAN step's)
 
 
 def _ema_rank(rank, world, init_file, out_dir):

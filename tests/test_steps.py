@@ -284,6 +284,22 @@ def state_of(st):
     return state
 
 
+def test_the_discriminator_learns_from_the_updated_autoencoders_reconstruction(tiny_data):
+    """With vqvae.use_gan, as the release's two-optimiser loop does: the autoencoder steps, runs
+    again, and the discriminator's loss takes that second reconstruction."""
+    cfg = tiny_config(tiny_data, "--vqvae.use_gan=true", "--vqvae.disc_start=0")
+    st = steps.VQStep(cfg, one_process(), dataset_tensor(cfg))
+    seen = []
+    discriminator_loss = st.loss_fn.discriminator_loss
+    st.loss_fn.discriminator_loss = lambda x, xrec, step: seen.append(xrec) or discriminator_loss(x, xrec, step)
+    _, _, x, xrec_before = st(0)
+    with torch.no_grad():
+        xrec_after, _, _ = st.model(x)
+    assert len(seen) == 1
+    assert torch.equal(seen[0], xrec_after.float())
+    assert not torch.allclose(seen[0], xrec_before.float())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("stage", ["vqvae", "encdiff"])
 def test_captured_update_trains_as_the_eager_one(tiny_data, stage):

@@ -138,8 +138,9 @@ class VectorQuantizer(nn.Module):
     `dead_threshold` vectors per step is moved onto a random encoder output of the current batch
     (Jukebox), so the codebook never collapses onto a few entries. Under torch.distributed the
     statistics are summed over ranks and the restart vectors come from rank 0, so every rank holds
-    the same codebook. The codebook weight then has requires_grad=False: leave it out of the
-    optimiser.
+    the same codebook. The statistics move only in a training forward with autograd on, so a
+    no-grad re-run (the GAN step's) leaves them. The codebook weight then has requires_grad=False:
+    leave it out of the optimiser.
     """
 
     def __init__(self, n_embed, embed_dim, beta=0.25, ema=False, ema_decay=0.99, dead_threshold=1.0, legacy_beta=False):
@@ -161,7 +162,7 @@ class VectorQuantizer(nn.Module):
             zf = z.float().permute(0, 2, 3, 1).reshape(-1, C)  # (BHW, C)
             e = self.codebook.weight.float()  # (K, C)
             idx = kernels.nearest_code(zf, e)  # (BHW,); on CUDA without the (BHW, K) distance matrix
-            if self.ema and self.training:
+            if self.ema and self.training and torch.is_grad_enabled():  # not on a no-grad re-run
                 self._ema_update(zf.detach(), idx)
                 e = self.codebook.weight.float()
             zq = F.embedding(idx, e)  # (BHW, C)
