@@ -16,30 +16,20 @@ def build_vq(v):
     fixed PoolModel (kind "pool", nothing to train)."""
     if v.kind == "pool":
         return PoolModel(pool_size=v.pool_size, embed_dim=v.embed_dim)
-    if v.kind == "kl":
-        return KLModel(
-            ch=v.ch,
-            ch_mult=tuple(v.ch_mult),
-            enc_res_blocks=v.enc_res_blocks,
-            dec_res_blocks=v.dec_res_blocks,
-            z_channels=v.z_channels,
-            embed_dim=v.embed_dim,
-            kl_weight=v.kl_weight,
-        )
-    if v.kind != "vq":
-        raise ValueError(f"vqvae.kind = {v.kind!r}: choose vq, kl or pool")
-    return VQModel(
+    # the encoder/decoder shape both trainable kinds share
+    shape = dict(
         ch=v.ch,
         ch_mult=tuple(v.ch_mult),
         enc_res_blocks=v.enc_res_blocks,
         dec_res_blocks=v.dec_res_blocks,
         z_channels=v.z_channels,
         embed_dim=v.embed_dim,
-        n_embed=v.n_embed,
-        beta=v.beta,
-        ema_codebook=v.ema_codebook,
-        legacy_beta=v.legacy_beta,
     )
+    if v.kind == "kl":
+        return KLModel(**shape, kl_weight=v.kl_weight)
+    if v.kind != "vq":
+        raise ValueError(f"vqvae.kind = {v.kind!r}: choose vq, kl or pool")
+    return VQModel(**shape, n_embed=v.n_embed, beta=v.beta, ema_codebook=v.ema_codebook, legacy_beta=v.legacy_beta)
 
 
 def build_encoder(e):
