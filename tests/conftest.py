@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 # Triton kernels run on the CPU through its interpreter; it must be chosen before triton is imported.
@@ -181,3 +182,25 @@ def load_script(relative):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_ranks(worker, *args, world=2, timeout=120):
+    """Spawn `world` processes running worker(rank, world, *args, queue); each puts one tuple that
+    starts with its rank -> those tuples in rank order. Daemons, killed in `finally`: a rank stuck
+    in a rendezvous fails the test instead of hanging pytest."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, world, *args, q), daemon=True) for r in range(world)]
+    try:
+        for p in procs:
+            p.start()
+        out = sorted((q.get(timeout=timeout) for _ in range(world)), key=lambda o: o[0])
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0] * world
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return out

@@ -4,10 +4,10 @@ fails on one rank): both end eager at the same step, with identical weights, and
 
 import torch
 import torch.distributed as torch_dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from conftest import run_ranks
 from encdiff import dist, graphs
 
 
@@ -66,21 +66,7 @@ def _rank(rank, world, init_file, q):
 
 
 def test_a_failed_recording_on_one_rank_leaves_every_rank_eager(tmp_path):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, 2, tmp_path / "init", q), daemon=True) for r in range(2)]
-    try:
-        for p in procs:
-            p.start()
-        out = sorted((q.get(timeout=120) for _ in range(2)), key=lambda o: o[0])
-        for p in procs:
-            p.join(timeout=60)
-        assert [p.exitcode for p in procs] == [0, 0]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    out = run_ranks(_rank, tmp_path / "init")
     for rank, reason, graph, restored, _ in out:
         # the first error of the chain, in one line, named on every rank
         assert reason == "rank 1: RuntimeError: operation not permitted when stream is capturing", (rank, reason)

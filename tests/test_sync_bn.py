@@ -1,8 +1,8 @@
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
+from conftest import run_ranks
 from encdiff.sync_bn import GlobalBatchNorm2d, convert_to_global_bn
 
 
@@ -31,22 +31,7 @@ def test_two_ranks_match_one_batchnorm_over_the_global_batch(tmp_path):
     y_ref = ref(xr)
     (y_ref * w_out).sum().backward()
 
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    # daemons, killed in `finally`: a rank stuck in a rendezvous must fail this test, not hang pytest
-    procs = [ctx.Process(target=_worker, args=(r, 2, tmp_path / "init", x, w_out, q), daemon=True) for r in range(2)]
-    try:
-        for p in procs:
-            p.start()
-        out = sorted((q.get(timeout=120) for _ in range(2)), key=lambda o: o[0])
-        for p in procs:
-            p.join(timeout=60)
-        assert [p.exitcode for p in procs] == [0, 0]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    out = run_ranks(_worker, tmp_path / "init", x, w_out)
     out = [(r, *map(torch.from_numpy, arrays)) for r, *arrays in out]
     y = torch.cat([o[1] for o in out])
     gx = torch.cat([o[2] for o in out])
@@ -88,20 +73,6 @@ def _compiled_worker(rank, world, init_file, q):
 def test_compiled_global_batchnorm_has_no_graph_break_and_equals_eager(tmp_path):
     """torch.compile(fullgraph=True) traces both all-reduces (the statistics' and their gradient's)
     on 2 gloo ranks: outputs, input and weight gradients and running statistics equal eager's."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_compiled_worker, args=(r, 2, tmp_path / "init", q), daemon=True) for r in range(2)]
-    try:
-        for p in procs:
-            p.start()
-        out = [q.get(timeout=180) for _ in range(2)]
-        for p in procs:
-            p.join(timeout=60)
-        assert [p.exitcode for p in procs] == [0, 0]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    out = run_ranks(_compiled_worker, tmp_path / "init", timeout=180)
     for rank, same in out:
         assert all(same), (rank, same)
