@@ -8,6 +8,7 @@ one straight tiny run for every test that compares with it, and the CPU setup.
 import importlib.util
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,6 +157,13 @@ def straight(tmp_path_factory, tiny_data):
     out = tmp_path_factory.mktemp("straight") / "run"
     run_train(out, tiny_data)
     return out
+
+
+def with_straights_vq(out_dir, straight):
+    """out_dir holding straight's finished stage 1, so a test of stage 2 does not train it again;
+    its stage 2 starts as straight's did (each stage reseeds)."""
+    shutil.copytree(Path(straight) / "vqvae", Path(out_dir) / "vqvae")
+    return out_dir
 
 
 # ---------------------------------------------------------------------------------------------

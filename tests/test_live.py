@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMOKE, train_args, run_train
+from conftest import SMOKE, run_train, train_args, with_straights_vq
 from encdiff.config import build_config
 from encdiff.models.encdiff import build_encoder
 from encdiff.live import LiveMetrics
@@ -61,7 +61,7 @@ def test_a_dead_worker_stops_the_live_metrics_not_the_training(live, capsys):
     assert metrics.every == 0 and not metrics.pending
 
 
-def test_ctrl_c_to_the_process_group_while_metrics_run(tmp_path, tiny_data):
+def test_ctrl_c_to_the_process_group_while_metrics_run(tmp_path, tiny_data, straight):
     """A terminal's Ctrl-C reaches train.py and the metrics worker alike: exit 130, a checkpoint of
     the step it reached, the scored rows kept, and no traceback anywhere."""
     import subprocess
@@ -70,7 +70,7 @@ def test_ctrl_c_to_the_process_group_while_metrics_run(tmp_path, tiny_data):
 
     from conftest import ROOT
 
-    out = tmp_path / "run"
+    out = with_straights_vq(tmp_path / "run", straight)
     args = train_args(out, tiny_data, "--encdiff.steps=40", "--eval.every=2", "--run.stop_check_every=1")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(

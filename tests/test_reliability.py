@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, final, run_train, train_args, train_error
+from conftest import ROOT, TINY, final, run_train, train_args, train_error, with_straights_vq
 
 LONG_STEPS = 12
 LONG = [f"--encdiff.steps={LONG_STEPS}", "--run.ckpt_every=4", "--run.stop_check_every=1"]
@@ -96,14 +96,14 @@ def ckpt_steps(out_dir, stage):
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, tiny_data):
-    out = tmp_path_factory.mktemp("straight")
+def straight_run(tmp_path_factory, tiny_data, straight):
+    out = with_straights_vq(tmp_path_factory.mktemp("straight") / "run", straight)
     run_train(out, tiny_data, *LONG)
     return out
 
 
-def test_sigterm_then_resume_is_bitwise_equal(tmp_path, tiny_data, straight_run):
-    out = tmp_path / "run"
+def test_sigterm_then_resume_is_bitwise_equal(tmp_path, tiny_data, straight, straight_run):
+    out = with_straights_vq(tmp_path / "run", straight)
     proc = start(train_cmd(out, tiny_data, *LONG))
     wait_for_log_step(out, "encdiff", 2, proc)
     time.sleep(random.uniform(0, 1.0))  # a random step
@@ -120,8 +120,8 @@ def test_sigterm_then_resume_is_bitwise_equal(tmp_path, tiny_data, straight_run)
         assert torch.equal(a[k], b[k]), k
 
 
-def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, tiny_data):
-    out = tmp_path / "run"
+def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, tiny_data, straight):
+    out = with_straights_vq(tmp_path / "run", straight)
     proc = start(train_cmd(out, tiny_data, *LONG, nproc=2))
     wait_for_log_step(out, "encdiff", 2, proc)
     workers = workers_of(proc.pid)
@@ -133,8 +133,8 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, tiny_data):
     assert ckpt_steps(out, "encdiff")[-1] == LONG_STEPS, r.stdout[-2000:]
 
 
-def test_a_signal_to_torchrun_ends_the_job_without_a_restart(tmp_path, tiny_data):
-    out = tmp_path / "run"
+def test_a_signal_to_torchrun_ends_the_job_without_a_restart(tmp_path, tiny_data, straight):
+    out = with_straights_vq(tmp_path / "run", straight)
     proc = start(train_cmd(out, tiny_data, *LONG, nproc=2, restarts=2))
     wait_for_log_step(out, "encdiff", 2, proc)
     proc.send_signal(signal.SIGTERM)
@@ -205,12 +205,12 @@ def test_only_a_single_node_restart_gets_a_store_per_attempt(monkeypatch):
         assert (dist.attempt_store() is None) == expect_none
 
 
-def test_sigkill_worker_restarts_and_finishes(tmp_path, tiny_data):
+def test_sigkill_worker_restarts_and_finishes(tmp_path, tiny_data, straight):
     """SIGKILL one of two gloo workers under torchrun --max-restarts: the group restarts and resumes
     from the last checkpoint. torchrun keeps one store for all attempts, and without a prefix per
     attempt (dist.attempt_store) a restarted rank read its dead peer's gloo address in 3 of 12 runs
     and the restarts ran out; with it, 11 of 11 runs passed (2026-11-28, 2 cores)."""
-    out = tmp_path / "run"
+    out = with_straights_vq(tmp_path / "run", straight)
     proc = start(train_cmd(out, tiny_data, *LONG, "--run.init_timeout=30", nproc=2, restarts=1))
     wait_for_log_step(out, "encdiff", 6, proc)  # past the first stage-2 checkpoint (step 4)
     os.kill(workers_of(proc.pid)[1], signal.SIGKILL)
@@ -222,8 +222,8 @@ def test_sigkill_worker_restarts_and_finishes(tmp_path, tiny_data):
     assert f"steps 4 -> {LONG_STEPS}" in stdout  # it went back to step 4 and on
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_data):
-    out = tmp_path / "run"
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_data, straight):
+    out = with_straights_vq(tmp_path / "run", straight)
     run_train(out, tiny_data, "--encdiff.steps=3", "--run.keep_last=3", "--run.ckpt_every=1")
     newest = out / "encdiff" / "ckpt_00000003.safetensors"
     data = bytearray(newest.read_bytes())
