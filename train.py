@@ -33,6 +33,7 @@ from encdiff.images import check_images
 from encdiff.live import LiveMetrics
 from encdiff.evaluation import describe_target
 from encdiff.plan import announce_plan, attention_refusal
+from encdiff.runlock import RunLock
 from encdiff.runlog import Window, append_jsonl, drop_rows_after, peak_memory_mb
 from encdiff.steps import EncDiffStep, VQStep
 
@@ -73,6 +74,15 @@ def main(argv=None):
     out_dir = Path(cfg.run.out_dir)
     if d.is_main:
         check_output_dir(out_dir)
+    with RunLock(out_dir, d):  # one writer per run directory, released when this process ends
+        stopped = train_stages(cfg, d, stop, out_dir)
+    dist.print0(f"{'stopped' if stopped else 'done'}: {out_dir}")
+    dist.cleanup()
+    return stop.exit_code if stopped else 0
+
+
+def train_stages(cfg, d, stop, out_dir):
+    """The data, then each stage of run.stages in order. -> True when a stop signal ended the run."""
     ds, images = open_data(cfg, d, stop)
     dist.print0(
         f"data: {cfg.data.name} {cfg.data.path}, {len(images):,} images, world size {d.world_size}, device {d.device}"
@@ -88,9 +98,7 @@ def main(argv=None):
     for stage in STAGES:
         if stage in cfg.run.stages and not stopped and not (stage == "vqvae" and cfg.vqvae.ckpt):
             stopped = train_stage(stage, cfg, d, images, out_dir, vote, getattr(ds, "factor_sizes", None))
-    dist.print0(f"{'stopped' if stopped else 'done'}: {out_dir}")
-    dist.cleanup()
-    return stop.exit_code if stopped else 0
+    return stopped
 
 
 def run():
