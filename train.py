@@ -34,7 +34,7 @@ from encdiff.live import LiveMetrics
 from encdiff.evaluation import describe_target
 from encdiff.plan import announce_plan, attention_refusal
 from encdiff.runlock import RunLock
-from encdiff.runlog import Window, append_jsonl, drop_rows_after, peak_memory_mb
+from encdiff.runlog import Board, NoBoard, Window, append_jsonl, check_tensorboard, drop_rows_after, peak_memory_mb
 from encdiff.steps import EncDiffStep, VQStep
 
 STAGES = ("vqvae", "encdiff")
@@ -69,6 +69,7 @@ def main(argv=None):
         )
     if cfg.vqvae.ckpt:
         ckpt_contents.check_given_vq(cfg)
+    check_tensorboard(cfg.run.tensorboard)
     runtime.set_cuda_flags(d.device, cfg.perf.tf32)
     announce_plan(cfg, d)
     out_dir = Path(cfg.run.out_dir)
@@ -155,8 +156,9 @@ def train_stage(stage, cfg, d, images, out_dir, vote, factor_sizes=None):
             )
 
     bar = tqdm(total=section.steps, initial=start, desc=stage, disable=not d.is_main, dynamic_ncols=True)
-    cadence = Cadence(cfg.run, d, section.steps, stage_dir, bar, vote, save)
-    extras = (VQExtras if stage == "vqvae" else EncDiffExtras)(cfg, d, images, stage_dir, st, bar)
+    board = Board(out_dir / "tensorboard" / stage, start) if cfg.run.tensorboard and d.is_main else NoBoard()
+    cadence = Cadence(cfg.run, d, section.steps, stage_dir, bar, vote, save, board)
+    extras = (VQExtras if stage == "vqvae" else EncDiffExtras)(cfg, d, images, stage_dir, st, bar, board)
     win = Window(d.device)
     for step in range(start, section.steps):
         out = st(step)
@@ -164,9 +166,11 @@ def train_stage(stage, cfg, d, images, out_dir, vote, factor_sizes=None):
         extras.after_step(step + 1, out, clock(), vote.stop.received is not None)
         if cadence.after_step(step + 1, win, st.lr_at(step), clock(), extras.shown()):
             extras.close()  # the checkpoint is written: the live scores in flight are kept (a 2nd signal skips)
+            board.close()
             return True
     bar.close()
     extras.close(finished=True)
+    board.close()
     dist.barrier()
     return False
 
@@ -196,13 +200,15 @@ def picture_due(done, steps, every):
 class VQExtras:
     """Stage 1 besides its updates: a grid of inputs over reconstructions every run.image_every."""
 
-    def __init__(self, cfg, d, images, stage_dir, st, bar):
-        self.cfg, self.d, self.stage_dir = cfg, d, stage_dir
+    def __init__(self, cfg, d, images, stage_dir, st, bar, board):
+        self.cfg, self.d, self.stage_dir, self.board = cfg, d, stage_dir, board
 
     def after_step(self, done, out, wall_s, stopping):
         if self.d.is_main and picture_due(done, self.cfg.vqvae.steps, self.cfg.run.image_every):
             _, _, x, xrec = out
-            pictures.save_vq_reconstructions(x[:8], xrec[:8], self.stage_dir / f"recon_{done:08d}.png")
+            path = self.stage_dir / f"recon_{done:08d}.png"
+            pictures.save_vq_reconstructions(x[:8], xrec[:8], path)
+            self.board.image("reconstructions", path, done)
 
     def shown(self):
         return {}
@@ -215,9 +221,9 @@ class EncDiffExtras:
     """Stage 2 besides its updates: the live encoder's quick metrics (eval.every, scored in the
     background on rank 0) and DDIM samples from the images' tokens every run.image_every."""
 
-    def __init__(self, cfg, d, images, stage_dir, st, bar):
-        self.cfg, self.d, self.stage_dir, self.st, self.bar = cfg, d, stage_dir, st, bar
-        self.live = LiveMetrics(cfg, stage_dir, st.factor_sizes, images, d.device) if d.is_main else None
+    def __init__(self, cfg, d, images, stage_dir, st, bar, board):
+        self.cfg, self.d, self.stage_dir, self.st, self.bar, self.board = cfg, d, stage_dir, st, bar, board
+        self.live = LiveMetrics(cfg, stage_dir, st.factor_sizes, images, d.device, board) if d.is_main else None
 
     def after_step(self, done, out, wall_s, stopping):
         e = self.cfg.encdiff
@@ -230,6 +236,7 @@ class EncDiffExtras:
             trained = ckpt_contents.trained_from_step(self.st)
             path = self.stage_dir / f"samples_{done:08d}.png"
             pictures.save_reconstructions(trained, out[2][:8], path, steps=min(50, self.cfg.eval.ddim_steps), seed=done)
+            self.board.image("samples", path, done)
 
     def shown(self):
         return self.live.latest if self.live is not None else {}
@@ -250,9 +257,9 @@ class Cadence:
     """After each step: the log (every run.log_every steps, the only host sync), the checkpoints
     (every run.ckpt_every, at the end, and at a stop) and the stop vote."""
 
-    def __init__(self, r, d, total, stage_dir, bar, vote, save):
+    def __init__(self, r, d, total, stage_dir, bar, vote, save, board):
         self.r, self.d, self.total, self.stage_dir = r, d, total, stage_dir
-        self.bar, self.vote, self.save = bar, vote, save
+        self.bar, self.vote, self.save, self.board = bar, vote, save, board
 
     def after_step(self, done, win, lr, wall_s, shown):
         """-> True when the run must stop now (its checkpoint written)."""
@@ -288,6 +295,7 @@ class Cadence:
         }
         if self.d.is_main:
             append_jsonl(self.stage_dir / "log.jsonl", rec)
+            self.board.scalars(done, rec)
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}", **shown)
         streak = int(win.streak.item())
         win.reset()

@@ -48,6 +48,7 @@ class RunConfig:
     max_nonfinite: int = 20  # non-finite steps in a row (skipped) before training stops
     init_timeout: float = 300.0  # seconds for the ranks to connect; then a rank exits (torchrun can restart)
     max_hours: float = 24.0  # CPU: refuse a run that timed steps say takes longer (0: no limit)
+    tensorboard: bool = False  # also write the log, live metrics and pictures for TensorBoard (pip install -e ".[tb]")
 
 
 @dataclass

@@ -59,8 +59,9 @@ class LiveMetrics:
     """The quick metrics of the live encoder every eval.every steps (rank 0 only), scored in a
     background process; records in stage_dir/metrics.jsonl, the figure in the run's progress.png."""
 
-    def __init__(self, cfg, stage_dir, factor_sizes, images, device):
+    def __init__(self, cfg, stage_dir, factor_sizes, images, device, board=None):
         ev = cfg.eval
+        self.board = board  # encdiff.runlog.Board (run.tensorboard) or None
         self.cfg, self.stage_dir, self.factor_sizes = cfg, Path(stage_dir), factor_sizes
         self.images, self.device = images, device
         self.every = ev.every if factor_sizes else 0
@@ -134,6 +135,8 @@ class LiveMetrics:
                 record["target_reached"] = True
             self.records.append(record)
             append_jsonl(self.path, record)
+            if self.board is not None:
+                self.board.scalars(record["step"], record, "metrics/")
             self.latest = {k[:4]: f"{record[k][v]:.2f}" for k, v in HEADLINE.items() if k in record}
             arrived.append(record)
         if arrived:

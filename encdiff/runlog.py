@@ -3,13 +3,19 @@
 win = Window(device); win.add(loss, grad_norm, images)   # every step, no host sync
 append_jsonl(stage_dir / "log.jsonl", record)            # at a log step
 drop_rows_after(stage_dir / "log.jsonl", step)           # a resumed run: the rows it will redo go
+board = Board(out_dir / "tensorboard" / stage, start)    # run.tensorboard: the same rows for TensorBoard
 """
 
+import importlib.util
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+
+from encdiff.errors import UserError
 
 
 class Window:
@@ -76,3 +82,52 @@ def drop_rows_after(path, step):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         tmp.replace(path)
+
+
+def check_tensorboard(enabled):
+    """run.tensorboard without the package: one line before any work."""
+    if enabled and importlib.util.find_spec("tensorboard") is None:
+        raise UserError('run.tensorboard = true needs the tensorboard package: pip install -e ".[tb]"')
+
+
+def numbers(record, prefix=""):
+    """The numbers of a (nested) log record as ("a/b", value) pairs; strings, flags and the step go."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from numbers(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            yield f"{prefix}{key}", value
+
+
+class Board:
+    """log.jsonl's rows, the live metrics and the picture grids as TensorBoard events, against the
+    step (rank 0, run.tensorboard); the JSONL stays the record. A resumed run purges the events past
+    the step it resumes from, as drop_rows_after does for the JSONL."""
+
+    def __init__(self, log_dir, start_step):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1)
+
+    def scalars(self, step, record, prefix=""):
+        for tag, value in numbers(record, prefix):
+            self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag, png, step):
+        self.writer.add_image(tag, np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
+
+    def close(self):
+        self.writer.close()
+
+
+class NoBoard:
+    """run.tensorboard off, or a rank other than 0."""
+
+    def scalars(self, step, record, prefix=""):
+        pass
+
+    def image(self, tag, png, step):
+        pass
+
+    def close(self):
+        pass

@@ -179,9 +179,9 @@ def test_each_mistake_is_one_early_line(tmp_path, tiny_data, args, message):
 # metrics while it trains
 
 
-def test_metrics_while_training_leave_the_training_bitwise_unchanged(tmp_path, tiny_data, straight):
+def test_metrics_and_tensorboard_while_training_leave_the_training_bitwise_unchanged(tmp_path, tiny_data, straight):
     quiet, live = straight, with_straights_vq(tmp_path / "live", straight)
-    r = run_train(live, tiny_data, "--eval.every=2")
+    r = run_train(live, tiny_data, "--eval.every=2", "--run.tensorboard=true")
     a, b = final(quiet, "encdiff"), final(live, "encdiff")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     records = [json.loads(line) for line in (live / "encdiff" / "metrics.jsonl").read_text().splitlines()]
@@ -202,6 +202,37 @@ def test_metrics_while_training_leave_the_training_bitwise_unchanged(tmp_path, t
         json.loads(line) for line in (live / "encdiff" / "eval_checkpoints" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [rec["step"] for rec in again] == [3, 6] and all("dci" in rec for rec in again)
+    # TensorBoard's own reader finds log.jsonl's and metrics.jsonl's numbers, and the sample grids
+    board = tensorboard_events(live / "tensorboard" / "encdiff")
+    for key in ("loss", "lr", "grad_norm", "images_per_s", "skipped_nonfinite", "peak_mem_mb", "wall_s"):
+        assert board[key] == [(rec["step"], pytest.approx(rec[key], rel=1e-6)) for rec in log], key
+    for metric, key in (("factor_vae", "eval_accuracy"), ("dci", "disentanglement"), ("mig", "discrete_mig")):
+        tag = f"metrics/{metric}/{key}"
+        assert board[tag] == [(rec["step"], pytest.approx(rec[metric][key], rel=1e-6)) for rec in records], tag
+    assert board["images:samples"] == [4, 6]  # run.image_every = 4, and the last step
+
+
+def tensorboard_events(log_dir):
+    """{scalar tag: [(step, value)], "images:TAG": [steps]} as TensorBoard reads the event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    out = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    out.update({f"images:{tag}": [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]})
+    return out
+
+
+def test_tensorboard_without_the_package_is_one_early_line(tmp_path, tiny_data, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a)
+    )
+    message = train_error(*train_args(tmp_path / "run", tiny_data, "--run.tensorboard=true"))
+    assert message == 'run.tensorboard = true needs the tensorboard package: pip install -e ".[tb]"'
+    assert not (tmp_path / "run").exists()
 
 
 def test_time_to_disentanglement_is_the_first_step_at_both_targets():
