@@ -31,7 +31,7 @@ from encdiff.dist import StopSignal, Stopped, StopVote
 from encdiff.errors import UserError, exit_on_user_error
 from encdiff.images import check_images
 from encdiff.live import LiveMetrics
-from encdiff.evaluation import describe_target
+from encdiff.evaluation import describe_target, read_jsonl, target_met
 from encdiff.plan import announce_plan, attention_refusal
 from encdiff.runlock import RunLock
 from encdiff.runlog import Board, NoBoard, Window, append_jsonl, check_tensorboard, drop_rows_after, peak_memory_mb
@@ -88,6 +88,8 @@ def train_stages(cfg, d, stop, out_dir):
     dist.print0(
         f"data: {cfg.data.name} {cfg.data.path}, {len(images):,} images, world size {d.world_size}, device {d.device}"
     )
+    if cfg.eval.stop_at_target and getattr(ds, "factor_sizes", None) is None:
+        raise UserError(f"eval.stop_at_target needs a dataset with a factor grid to score; {cfg.data.name} has none")
     for name in STAGES:
         if len(images) < getattr(cfg, name).batch_size:
             raise UserError(
@@ -139,6 +141,10 @@ def train_stage(stage, cfg, d, images, out_dir, vote, factor_sizes=None):
     if start >= section.steps:
         dist.print0(f"{stage}: finished already (step {start}), skipped")
         return False
+    met = target_met_by(stage_dir, cfg, start) if stage == "encdiff" and cfg.eval.stop_at_target else None
+    if met is not None:
+        dist.print0(f"{stage}: finished already (the targets reached at step {met}, eval.stop_at_target), skipped")
+        return False
     dist.print0(st.summary(start))
     if d.is_main:
         for log in ("log.jsonl", "metrics.jsonl"):  # the rows of steps this run will do again go
@@ -163,16 +169,25 @@ def train_stage(stage, cfg, d, images, out_dir, vote, factor_sizes=None):
     for step in range(start, section.steps):
         out = st(step)
         win.add(out[0], out[1], section.batch_size)
-        extras.after_step(step + 1, out, clock(), vote.stop.received is not None)
-        if cadence.after_step(step + 1, win, st.lr_at(step), clock(), extras.shown()):
+        at_target = extras.after_step(step + 1, out, clock(), vote.stop.received is not None)
+        if cadence.after_step(step + 1, win, st.lr_at(step), clock(), extras.shown(), at_target):
             extras.close()  # the checkpoint is written: the live scores in flight are kept (a 2nd signal skips)
             board.close()
             return True
+        if at_target:
+            dist.print0(f"\n{stage}: the targets reached at step {step + 1} (eval.stop_at_target): finished there")
+            break
     bar.close()
     extras.close(finished=True)
     board.close()
     dist.barrier()
     return False
+
+
+def target_met_by(stage_dir, cfg, step):
+    """The step at which eval.stop_at_target's rule was met in the run's records up to `step`, or None."""
+    met = target_met([r for r in read_jsonl(stage_dir / "metrics.jsonl") if r["step"] <= step], cfg.eval)
+    return None if met is None else met["step"]
 
 
 def build_stage_step(stage, cfg, d, images, out_dir, factor_sizes):
@@ -226,17 +241,23 @@ class EncDiffExtras:
         self.live = LiveMetrics(cfg, stage_dir, st.factor_sizes, images, d.device, board) if d.is_main else None
 
     def after_step(self, done, out, wall_s, stopping):
-        e = self.cfg.encdiff
+        """-> True when eval.stop_at_target ends the stage at this step (every rank alike)."""
+        e, ev = self.cfg.encdiff, self.cfg.eval
         if self.live is not None:
             self.live.maybe_start(done, self.st.model.encoder, done * e.batch_size, wall_s, stopping)
-            for record in self.live.poll():
+            # stop_at_target waits for this point's scores, so that it can stop at this very step
+            for record in self.live.poll(wait=ev.stop_at_target and not stopping):
                 if record.get("target_reached"):
-                    self.bar.write(describe_target([record], self.cfg.eval))
+                    self.bar.write(describe_target([record], ev))
         if self.d.is_main and picture_due(done, e.steps, self.cfg.run.image_every):
             trained = ckpt_contents.trained_from_step(self.st)
             path = self.stage_dir / f"samples_{done:08d}.png"
-            pictures.save_reconstructions(trained, out[2][:8], path, steps=min(50, self.cfg.eval.ddim_steps), seed=done)
+            pictures.save_reconstructions(trained, out[2][:8], path, steps=min(50, ev.ddim_steps), seed=done)
             self.board.image("samples", path, done)
+        if not (ev.stop_at_target and done % ev.every == 0):
+            return False
+        met = self.live is not None and target_met(self.live.records, ev) is not None
+        return dist.broadcast_object(met) if self.d.enabled else met  # rank 0 scored; a sync per eval point
 
     def shown(self):
         return self.live.latest if self.live is not None else {}
@@ -261,16 +282,18 @@ class Cadence:
         self.r, self.d, self.total, self.stage_dir = r, d, total, stage_dir
         self.bar, self.vote, self.save, self.board = bar, vote, save, board
 
-    def after_step(self, done, win, lr, wall_s, shown):
-        """-> True when the run must stop now (its checkpoint written)."""
+    def after_step(self, done, win, lr, wall_s, shown, last=False):
+        """-> True when a stop signal ends the run now (its checkpoint written). last: the stage ends
+        at this step before its step count (eval.stop_at_target): logged and saved as its last step."""
         r, d = self.r, self.d
         self.bar.update(1)
-        log_now = done % r.log_every == 0 or done == self.total
+        last = last or done == self.total
+        log_now = done % r.log_every == 0 or last
         if log_now:
-            self.log(done, win, lr, wall_s, shown)
+            self.log(done, win, lr, wall_s, shown, early=last and done < self.total)
         stopping = (log_now or done % r.stop_check_every == 0 or not d.enabled) and self.vote()
-        if stopping or done % r.ckpt_every == 0 or done == self.total:
-            self.save(done, final=stopping or done == self.total)
+        if stopping or done % r.ckpt_every == 0 or last:
+            self.save(done, final=stopping or last)
         if stopping:
             self.bar.close()
             dist.print0(
@@ -279,7 +302,7 @@ class Cadence:
             )
         return stopping
 
-    def log(self, done, win, lr, wall_s, shown):
+    def log(self, done, win, lr, wall_s, shown, early=False):
         """One row of log.jsonl (means over every rank), the bar's numbers, the non-finite streak."""
         sums = dist.all_reduce_mean(torch.stack([win.loss, win.grad_norm, win.good, win.skipped])).tolist()
         good = max(sums[2], 1.0)
@@ -293,6 +316,8 @@ class Cadence:
             "peak_mem_mb": peak_memory_mb(self.d.device),
             "wall_s": round(wall_s, 2),
         }
+        if early:
+            rec["stopped_at_target"] = True
         if self.d.is_main:
             append_jsonl(self.stage_dir / "log.jsonl", rec)
             self.board.scalars(done, rec)

@@ -142,6 +142,8 @@ class EvalConfig:
     every_metrics: list[str] = field(default_factory=lambda: ["factor_vae", "dci", "mig"])
     target_factor_vae: float = 0.9  # time to disentanglement: the first scores at or above both
     target_dci: float = 0.8
+    stop_at_target: bool = False  # with eval.every: stage 2 ends at the first point at both targets (exit 0)
+    patience: int = 1  # stop_at_target: that many points in a row at both targets
 
 
 @dataclass
@@ -436,6 +438,14 @@ def validate(cfg, sources=None):
     )
     for key in ("target_factor_vae", "target_dci"):
         _check(0 <= getattr(ev, key) <= 1, f"eval.{key}", f"must be in [0, 1]; got {getattr(ev, key)}")
+    _check(ev.patience >= 1, "eval.patience", f"must be >= 1; got {ev.patience}")
+    if ev.stop_at_target:
+        _check(ev.every > 0, "eval.stop_at_target", "needs eval.every > 0 (the points it stops at)")
+        _check(
+            {"factor_vae", "dci"} <= set(ev.every_metrics),
+            "eval.stop_at_target",
+            f"needs factor_vae and dci in eval.every_metrics (the targets); got {ev.every_metrics}",
+        )
     _check(ev.batch_size > 0, "eval.batch_size", f"must be positive; got {ev.batch_size}")
     _check(
         0 < ev.ddim_steps <= e.timesteps,

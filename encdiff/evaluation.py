@@ -318,6 +318,17 @@ def first_reached(records, target_factor_vae, target_dci):
     return next((r for r in records if reached(r, target_factor_vae, target_dci)), None)
 
 
+def target_met(records, cfg_eval):
+    """eval.stop_at_target's rule: the record ending the first eval.patience points in a row at both
+    targets, or None."""
+    ev, run = cfg_eval, 0
+    for record in records:
+        run = run + 1 if reached(record, ev.target_factor_vae, ev.target_dci) else 0
+        if run >= ev.patience:
+            return record
+    return None
+
+
 def describe_target(records, cfg_eval, steps_total=None):
     """One line: when the quick FactorVAE and DCI (eval.every's small sample counts, not evaluate.py's
     full ones) first reached their targets, or the best so far."""
