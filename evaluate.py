@@ -4,6 +4,7 @@
     python evaluate.py runs/synth3d/encdiff/ckpt_00100000.safetensors --metrics factor_vae,dci
     python evaluate.py runs/synth3d --data.path /fast/synth3d.h5 --quick --out /tmp/eval
     python evaluate.py runs/synth3d --baseline random                 # also score an untrained encoder
+    python evaluate.py runs/seed_* --out runs/summary                 # several runs: mean ± std per score
     python evaluate.py runs/celeba --eval.inception_path=pt_inception-2015-12-05-6726825d.pth   # TAD and FID
 
 The config is the checkpoint's own, then --config files, then --section.key=value overrides (so
@@ -16,6 +17,8 @@ step, dataset and quick/full; an earlier result is never replaced without --over
 pictures when eval.pictures is on.
 """
 
+import csv
+import glob
 import json
 import os
 import sys
@@ -39,13 +42,17 @@ from encdiff.evaluation import (
     describe_data,
     encode_dataset,
     fid_of_samples,
+    format_summary,
     format_table,
     open_eval_dataset,
     plot_progress,
     quick_scores,
     random_encoder,
     read_jsonl,
+    paper_value,
     score_codes,
+    scores_of,
+    summarize,
 )
 from encdiff.pictures import picture_indices, picture_settings, save_pictures
 from encdiff.fid import HOW_TO_PROVIDE, load_inception
@@ -60,18 +67,25 @@ def parse_args(argv):
     files, overrides, rest = split_args(argv)
     p = ArgumentParser(
         prog="evaluate.py",
-        usage="evaluate.py [-h] PATH [options] [--config FILE ...] [--section.key=value ...]",
+        usage="evaluate.py [-h] PATH [PATH ...] [options] [--config FILE ...] [--section.key=value ...]",
         description="Disentanglement metrics and pictures of an EncDiff checkpoint.",
         epilog="Also: --config FILE (repeatable) and --section.key=value, layered on the checkpoint's own config "
         "(e.g. --data.path=/fast/copy.h5, --eval.ddim_steps=50); the keys are listed by train.py --help.",
     )
-    p.add_argument("path", help="an EncDiff checkpoint file, or a run directory (its newest EncDiff checkpoint)")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="an EncDiff checkpoint file, or a run directory (its newest EncDiff checkpoint); several (or a glob "
+        "such as 'runs/seed_*'): each is evaluated, then mean ± std of each score over them",
+    )
     p.add_argument("--metrics", help="comma-separated metric names (default: eval.metrics)")
     p.add_argument("--quick", action="store_true", help="small sample counts and cheap pictures (tests, smoke runs)")
     p.add_argument(
         "--out",
         help="output folder (default: eval_stepSTEP_DATASET_quick-counts|full-counts beside the checkpoint, one "
-        "per kind of evaluation)",
+        "per kind of evaluation); with several PATHs: where summary.json and summary.csv go (each run's own "
+        "results stay beside its checkpoint)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the results an earlier evaluation left in --out")
     p.add_argument(
@@ -120,13 +134,13 @@ def writable_dir(path, overwrite):
     return path
 
 
-def every_checkpoint(args, files, overrides):
+def every_checkpoint(path, args, files, overrides):
     """The quick metrics of each kept checkpoint of a run, oldest first, as the records of eval.every."""
-    run = Path(args.path)
+    run = Path(path)
     stage_dir = run / "encdiff" if (run / "encdiff").is_dir() else run
     paths = ckpt.list_checkpoints(stage_dir)
     if not run.is_dir() or not paths:
-        raise UserError(f"{args.path}: --every-checkpoint needs a run directory holding encdiff checkpoints")
+        raise UserError(f"{path}: --every-checkpoint needs a run directory holding encdiff checkpoints")
     first = load_trained(paths[0], files, overrides)
     ds = open_eval_dataset(first)
     if ds.factor_sizes is None:
@@ -164,10 +178,86 @@ def main(argv=None):
     args, files, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.fid_samples is not None and args.fid_samples < 2:
         raise UserError(f"--fid-samples must be at least 2, got {args.fid_samples}")
+    paths = expand_paths(args.paths)
     if args.every_checkpoint:
-        return every_checkpoint(args, files, overrides)
+        if len(paths) > 1:
+            raise UserError(f"--every-checkpoint takes one run directory, got {len(paths)}")
+        return every_checkpoint(paths[0], args, files, overrides)
     requested = metric_names(args.metrics) if args.metrics is not None else None  # a typo fails before any loading
-    trained = load_trained(args.path, files, overrides)
+    if len(paths) > 1:
+        return evaluate_runs(paths, args, files, overrides, requested)
+    evaluate_one(paths[0], args, files, overrides, requested, Path(args.out) if args.out else None)
+    return 0
+
+
+def expand_paths(given):
+    """PATH arguments -> paths; a pattern the shell left unexpanded ('runs/seed_*') is expanded here."""
+    paths = []
+    for p in given:
+        matches = sorted(glob.glob(p)) if glob.has_magic(p) and not Path(p).exists() else [p]
+        if not matches:
+            raise UserError(f"{p}: matches nothing")
+        paths.extend(matches)
+    return paths
+
+
+def evaluate_runs(paths, args, files, overrides, requested):
+    """Each run as alone (its results beside its checkpoint, an up-to-date one reused), then one row per
+    run and mean ± sample std per score; a run that cannot be scored is named and left out."""
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        for name in ("summary.json", "summary.csv"):
+            if (out / name).exists() and not args.overwrite:
+                raise UserError(f"{out} holds an earlier {name}: choose another --out, or --overwrite")
+        writable_dir(out, overwrite=True)
+    scored, skipped = [], []
+    for i, path in enumerate(paths):
+        print(f"\n[{i + 1}/{len(paths)}] {path}")
+        try:
+            record = evaluate_one(path, args, files, overrides, requested, None)
+        except UserError as e:
+            print(f"left out {path}: {e}")
+            skipped.append({"run": str(path), "reason": str(e)})
+            continue
+        scored.append((str(path), record))
+    if not scored:
+        raise UserError(f"none of the {len(paths)} runs could be scored (the first: {skipped[0]['reason']})")
+    table_rows = [(name, scores_of(record)) for name, record in scored]
+    summary = summarize(table_rows)
+    dataset = scored[0][1]["data"]["name"]
+    print(f"\n{len(scored)} runs (mean ± sample std, n):")
+    print(format_summary(table_rows, summary, dataset))
+    for s in skipped:
+        print(f"left out {s['run']}: {s['reason']}")
+    if out is None:
+        print("(--out DIR writes summary.json and summary.csv)")
+        return 0
+    runs = [
+        {"run": name, "checkpoint": r["checkpoint"], "step": r["step"], "scores": scores_of(r)} for name, r in scored
+    ]
+    paper = {key: paper_value(dataset, key) for key in summary if paper_value(dataset, key) is not None}
+    document = {"dataset": dataset, "runs": runs, "summary": summary, "paper": paper, "left_out": skipped}
+    (out / "summary.json").write_text(json.dumps(document, indent=2) + "\n")
+    write_summary_csv(out / "summary.csv", runs, summary)
+    print(f"wrote {out / 'summary.json'} and {out / 'summary.csv'}")
+    return 0
+
+
+def write_summary_csv(path, runs, summary):
+    """One row per run, then the rows mean, std and n; one column per score."""
+    keys = list(summary)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "checkpoint", "step", *keys])
+        for r in runs:
+            w.writerow([r["run"], r["checkpoint"], r["step"], *[r["scores"].get(k, "") for k in keys]])
+        for stat in ("mean", "std", "n"):
+            w.writerow([stat, "", "", *[summary[k][stat] for k in keys]])
+
+
+def evaluate_one(path, args, files, overrides, requested, out_dir):
+    """Evaluate one checkpoint or run (out_dir None: beside the checkpoint) -> its metrics.json record."""
+    trained = load_trained(path, files, overrides)
     cfg = trained.cfg
     names = requested or metric_names(cfg.eval.metrics)
     quick, seed = args.quick, cfg.eval.seed
@@ -176,7 +266,7 @@ def main(argv=None):
     # a bad weights file fails here, before any long work
     inception = load_inception(cfg.eval.inception_path, trained.device) if cfg.eval.inception_path else None
     ds = open_eval_dataset(trained)
-    out_dir = Path(args.out) if args.out else default_out_dir(trained, ds, quick)
+    out_dir = out_dir or default_out_dir(trained, ds, quick)
     options = {
         "checkpoint": str(trained.path),
         "data": str(ds.path),
@@ -190,7 +280,7 @@ def main(argv=None):
     if not args.overwrite and stored is not None and stored.get("options") == options:
         print(f"{out_dir}: up to date (the same checkpoint, data and options); the stored results:")
         print(stored["table"])
-        return 0
+        return stored
     out_dir = writable_dir(out_dir, args.overwrite)
     print(f"checkpoint: {trained.path} (step {trained.step}), device {trained.device}")
     if trained.step < trained.stored.encdiff.steps:
@@ -275,11 +365,11 @@ def main(argv=None):
     samples = f"{3 * n + tokens * n_values + n * tokens} DDIM samples of {steps} steps"
     if not cfg.eval.pictures:
         print(f"pictures: off (eval.pictures = false in this run's config); --eval.pictures=true draws them: {samples}")
-        return 0
+        return record
     print(f"pictures: {samples} (fewer: --quick, --eval.ddim_steps or --eval.pictures=false)")
-    for path in save_pictures(trained, kept, codes, out_dir, quick, seed, progress=True):
-        print(f"wrote {path}")
-    return 0
+    for picture in save_pictures(trained, kept, codes, out_dir, quick, seed, progress=True):
+        print(f"wrote {picture}")
+    return record
 
 
 def said_done(name, seconds):

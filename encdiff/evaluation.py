@@ -289,6 +289,65 @@ def format_table(results, baseline, dataset_name, notes=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# several runs (seeds): one row each, mean and sample std per score
+
+NOT_SCORES = ("data", "baseline", "degenerate", "options")  # the other tables of a metrics.json
+
+
+def scores_of(record):
+    """{"metric.key": value} of an evaluation's metrics.json record: the numbers a summary averages."""
+    return {
+        f"{name}.{key}": value
+        for name, table in record.items()
+        if isinstance(table, dict) and name not in NOT_SCORES
+        for key, value in table.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+def mean_std(values):
+    """-> (mean, sample standard deviation (n - 1; nan for one value), n), NaNs left out."""
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
+    if len(v) == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan, len(v)
+
+
+def summarize(scored):
+    """scored: [(run name, {"metric.key": value})] -> {"metric.key": {"mean", "std", "n"}}, in the
+    order the keys first appear."""
+    keys = list(dict.fromkeys(k for _, scores in scored for k in scores))
+    summary = {}
+    for key in keys:
+        mean, std, n = mean_std([scores[key] for _, scores in scored if key in scores])
+        summary[key] = {"mean": mean, "std": std, "n": n}
+    return summary
+
+
+def paper_value(dataset_name, key):
+    paper_key = "shapes3d" if dataset_name == "synth3d" else dataset_name
+    _, paper = PAPER_ENCDIFF.get(paper_key, (None, {}))
+    return paper.get(tuple(key.split(".", 1)))
+
+
+def format_summary(scored, summary, dataset_name):
+    """A table: one column per run, then mean ± std (n), then the paper's EncDiff value."""
+    header = ["metric", *[name for name, _ in scored], "mean ± std (n)", "paper EncDiff"]
+    rows = []
+    for key, m in summary.items():
+        spread = f"{m['mean']:.3f} ± {m['std']:.3f} ({m['n']})" if m["n"] > 1 else f"{m['mean']:.3f} (1)"
+        rows.append(
+            [key, *[_fmt(scores.get(key)) for _, scores in scored], spread, _fmt(paper_value(dataset_name, key))]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+# ---------------------------------------------------------------------------------------------
 # the curve: the quick metrics at points of a training run (metrics.jsonl, progress.png)
 
 HEADLINE = {  # the number that stands for each metric on the curve
