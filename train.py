@@ -5,6 +5,8 @@
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \\
         --rdzv_endpoint=HOST:29500 train.py --config config.toml          # two nodes
     python train.py --config config.toml --config configs/cpu.toml --encdiff.steps=2000
+    torchrun --nproc_per_node=8 train.py --config config.toml \
+        --run.seeds=0,1,2,3,4,5,6,7 --run.parallel=seeds                  # 8 seeds at once, one per GPU
 
 Stages run in order in one command; a finished stage is skipped; `run.resume = "auto"` continues
 from the newest good checkpoint in `run.out_dir/<stage>/`. What one update of a stage does lives in
@@ -12,6 +14,7 @@ encdiff/steps.py, what its checkpoint holds in encdiff/ckpt_contents.py, the che
 work in encdiff/plan.py; here are main, the loop, the log and the checkpoint cadence.
 """
 
+import copy
 import os
 import shutil
 import signal
@@ -53,6 +56,41 @@ def main(argv=None):
         return 0
     cfg = parse_args(argv)  # every config mistake stops here
     stop = StopSignal(cfg.run.stop_signals)
+    code = 0
+    for one in seed_runs(cfg):  # cfg itself, or one run per seed of run.seeds
+        code = train_run(one, stop)
+        if code:  # a stop signal: the next seeds wait for the rerun
+            break
+    dist.cleanup()
+    return code
+
+
+def seed_runs(cfg):
+    """The runs this process trains: cfg, or with run.seeds one per seed in run.out_dir/seed_N (each
+    resumable on its own). Under run.parallel = "seeds" only this process's share of the seeds, each
+    process a run of its own: no process group, its own GPU (LOCAL_RANK) or CPU threads."""
+    if not cfg.run.seeds:
+        return [cfg]
+    seeds = cfg.run.seeds
+    if cfg.run.parallel == "seeds":
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if len(seeds) < world:
+            raise UserError(
+                f"run.parallel = 'seeds': {len(seeds)} seeds for {world} processes; give each process a seed"
+            )
+        seeds = seeds[rank::world]
+        os.environ.update(RANK="0", WORLD_SIZE="1")  # what dist.setup reads: this process alone
+    runs = []
+    for seed in seeds:
+        one = copy.deepcopy(cfg)
+        one.run.seed, one.run.seeds, one.run.parallel = seed, [], "none"
+        one.run.out_dir = str(Path(cfg.run.out_dir) / f"seed_{seed}")
+        runs.append(one)
+    return runs
+
+
+def train_run(cfg, stop):
+    """One run: the checks before any long work, then its stages in run.out_dir. -> exit status."""
     d = dist.setup(cfg.run.device, cfg.run.init_timeout)
     for name in STAGES:
         if getattr(cfg, name).batch_size % d.world_size:
@@ -78,7 +116,6 @@ def main(argv=None):
     with RunLock(out_dir, d):  # one writer per run directory, released when this process ends
         stopped = train_stages(cfg, d, stop, out_dir)
     dist.print0(f"{'stopped' if stopped else 'done'}: {out_dir}")
-    dist.cleanup()
     return stop.exit_code if stopped else 0
 
 

@@ -49,6 +49,8 @@ class RunConfig:
     init_timeout: float = 300.0  # seconds for the ranks to connect; then a rank exits (torchrun can restart)
     max_hours: float = 24.0  # CPU: refuse a run that timed steps say takes longer (0: no limit)
     tensorboard: bool = False  # also write the log, live metrics and pictures for TensorBoard (pip install -e ".[tb]")
+    seeds: list[int] = field(default_factory=list)  # several runs, one per seed, in out_dir/seed_N (empty: run.seed)
+    parallel: str = "none"  # "seeds": under torchrun each process trains its own seeds, no DDP ("none": DDP)
 
 
 @dataclass
@@ -347,6 +349,11 @@ def validate(cfg, sources=None):
         f"must be a non-empty subset of {list(STAGES)}; got {r.stages}",
     )
     _one_of(r.device, ("auto", "cuda", "cpu"), "run.device")
+    _one_of(r.parallel, ("none", "seeds"), "run.parallel")
+    _check(r.parallel == "none" or r.seeds, "run.parallel", "'seeds' needs run.seeds (e.g. --run.seeds=0,1,2)")
+    _check(len(set(r.seeds)) == len(r.seeds), "run.seeds", f"must not repeat a seed; got {r.seeds}")
+    for seed in r.seeds:
+        _check(0 <= seed < 2**32, "run.seeds", f"each must be in [0, 2^32); got {seed}")
     _check(
         all(sig in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP") for sig in r.stop_signals),
         "run.stop_signals",
@@ -547,6 +554,9 @@ FREE_KEYS = {
         "max_nonfinite",
         "init_timeout",
         "max_hours",
+        "tensorboard",
+        "seeds",
+        "parallel",
     ),
     "data": ("path", "on_device"),
     "vqvae": ("steps", "ckpt"),
