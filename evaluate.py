@@ -46,6 +46,7 @@ from encdiff.evaluation import (
     format_table,
     open_eval_dataset,
     plot_progress,
+    plot_runs,
     quick_scores,
     random_encoder,
     read_jsonl,
@@ -134,8 +135,29 @@ def writable_dir(path, overwrite):
     return path
 
 
-def every_checkpoint(path, args, files, overrides):
-    """The quick metrics of each kept checkpoint of a run, oldest first, as the records of eval.every."""
+def every_checkpoint_of_runs(paths, args, files, overrides):
+    """--every-checkpoint over several runs: each run's curve in its own folder, then all of them on one
+    axis of images seen in --out/progress_runs.png."""
+    if not args.out:
+        raise UserError("--every-checkpoint over several runs needs --out DIR (where progress_runs.png goes)")
+    out = writable_dir(Path(args.out), overwrite=True)
+    names = [Path(p).name for p in paths]
+    labels = names if len(set(names)) == len(names) else [str(p) for p in paths]  # short where they differ
+    runs, cfg_eval = [], None
+    for i, (path, label) in enumerate(zip(paths, labels)):
+        print(f"\n[{i + 1}/{len(paths)}] {path}")
+        records, cfg_eval = every_checkpoint(path, args, files, overrides, None)
+        runs.append((label, records))
+    if plot_runs(out / "progress_runs.png", runs, f"{len(runs)} runs: every checkpoint", cfg_eval):
+        print(f"wrote {out / 'progress_runs.png'}")
+    else:
+        print("progress_runs.png skipped: matplotlib is not installed (pip install -e '.[plot]')")
+    return 0
+
+
+def every_checkpoint(path, args, files, overrides, out):
+    """The quick metrics of each kept checkpoint of a run, oldest first, as the records of eval.every,
+    in `out` (default RUN/encdiff/eval_checkpoints). -> (records, the eval config)."""
     run = Path(path)
     stage_dir = run / "encdiff" if (run / "encdiff").is_dir() else run
     paths = ckpt.list_checkpoints(stage_dir)
@@ -145,7 +167,7 @@ def every_checkpoint(path, args, files, overrides):
     ds = open_eval_dataset(first)
     if ds.factor_sizes is None:
         raise UserError(f"{ds.name}: no factor grid, so there is no disentanglement curve to draw")
-    out_dir = writable_dir(Path(args.out) if args.out else stage_dir / "eval_checkpoints", args.overwrite)
+    out_dir = writable_dir(Path(out) if out else stage_dir / "eval_checkpoints", args.overwrite)
     names = metric_names(args.metrics) if args.metrics is not None else first.cfg.eval.every_metrics
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # --overwrite (or a folder without one)
     images = torch.from_numpy(load_all(ds))  # (N, 64, 64, 3) uint8: read once for every checkpoint
@@ -172,6 +194,7 @@ def every_checkpoint(path, args, files, overrides):
     else:
         print("progress.png skipped: matplotlib is not installed (pip install -e '.[plot]')")
     print(f"wrote {out_dir / 'metrics.jsonl'}")
+    return records, ev
 
 
 def main(argv=None):
@@ -180,9 +203,10 @@ def main(argv=None):
         raise UserError(f"--fid-samples must be at least 2, got {args.fid_samples}")
     paths = expand_paths(args.paths)
     if args.every_checkpoint:
-        if len(paths) > 1:
-            raise UserError(f"--every-checkpoint takes one run directory, got {len(paths)}")
-        return every_checkpoint(paths[0], args, files, overrides)
+        if len(paths) == 1:
+            every_checkpoint(paths[0], args, files, overrides, args.out)
+            return 0
+        return every_checkpoint_of_runs(paths, args, files, overrides)
     requested = metric_names(args.metrics) if args.metrics is not None else None  # a typo fails before any loading
     if len(paths) > 1:
         return evaluate_runs(paths, args, files, overrides, requested)

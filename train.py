@@ -34,7 +34,7 @@ from encdiff.dist import StopSignal, Stopped, StopVote
 from encdiff.errors import UserError, exit_on_user_error
 from encdiff.images import check_images
 from encdiff.live import LiveMetrics
-from encdiff.evaluation import describe_target, read_jsonl, target_met
+from encdiff.evaluation import describe_target, plot_runs, read_jsonl, target_met
 from encdiff.plan import announce_plan, attention_refusal
 from encdiff.runlock import RunLock
 from encdiff.runlog import Board, NoBoard, Window, append_jsonl, check_tensorboard, drop_rows_after, peak_memory_mb
@@ -59,6 +59,8 @@ def main(argv=None):
     code = 0
     for one in seed_runs(cfg):  # cfg itself, or one run per seed of run.seeds
         code = train_run(one, stop)
+        if cfg.run.seeds:
+            plot_seeds(cfg)
         if code:  # a stop signal: the next seeds wait for the rerun
             break
     dist.cleanup()
@@ -87,6 +89,13 @@ def seed_runs(cfg):
         one.run.out_dir = str(Path(cfg.run.out_dir) / f"seed_{seed}")
         runs.append(one)
     return runs
+
+
+def plot_seeds(cfg):
+    """run.out_dir/progress.png: every seed's live metrics so far on one axis of images seen."""
+    out = Path(cfg.run.out_dir)
+    runs = [(f"seed {s}", read_jsonl(out / f"seed_{s}" / "encdiff" / "metrics.jsonl")) for s in cfg.run.seeds]
+    plot_runs(out / "progress.png", runs, f"{out}: {len(runs)} seeds", cfg.eval)
 
 
 def train_run(cfg, stop):

@@ -416,17 +416,64 @@ def curve_point(step, images_seen, wall_s, scores=None):
     return {"step": step, "images_seen": images_seen, "wall_s": round(wall_s, 2), **(scores or {})}
 
 
-def plot_progress(path, log, records, title="", cfg_eval=None):
-    """progress.png: the loss (log.jsonl records) and each metric's headline value against step and
-    against wall time, with eval's targets (FactorVAE, DCI) dashed. Without matplotlib (an optional
-    extra) nothing is drawn and False returned."""
-    targets = {} if cfg_eval is None else {"factor_vae": cfg_eval.target_factor_vae, "dci": cfg_eval.target_dci}
+def pyplot():
+    """matplotlib's pyplot for files (Agg), or None: it is an optional extra."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, plt, path):
+    """Written under a temporary name, then renamed: a reader never sees half a PNG."""
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+RUN_METRICS = ("factor_vae", "dci", "mig")  # the panels of a figure of several runs
+
+
+def plot_runs(path, runs, title="", cfg_eval=None):
+    """Several runs' curves (seeds of a sweep, batch 32 against 256, ...) on one axis of images seen:
+    one panel per headline metric, one line per run, eval's targets dashed. runs: [(label, records of
+    metrics.jsonl)]. -> False (nothing drawn) without matplotlib or without any scores."""
+    plt = pyplot()
+    names = [n for n in RUN_METRICS if any(n in r for _, records in runs for r in records)]
+    if plt is None or not names:
+        return False
+    targets = {} if cfg_eval is None else {"factor_vae": cfg_eval.target_factor_vae, "dci": cfg_eval.target_dci}
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        key = HEADLINE[name]
+        for label, records in runs:
+            points = [(r["images_seen"], r[name][key]) for r in records if name in r and "images_seen" in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, label=label)
+        if name in targets:
+            ax.axhline(targets[name], color="grey", ls="--", lw=0.8, label="target")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("images seen")
+        ax.set_title(f"{name}.{key} (quick)", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
+    save_figure(fig, plt, path)
+    return True
+
+
+def plot_progress(path, log, records, title="", cfg_eval=None):
+    """progress.png: the loss (log.jsonl records) and each metric's headline value against step and
+    against wall time, with eval's targets (FactorVAE, DCI) dashed. Without matplotlib (an optional
+    extra) nothing is drawn and False returned."""
+    targets = {} if cfg_eval is None else {"factor_vae": cfg_eval.target_factor_vae, "dci": cfg_eval.target_dci}
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
     for col, (x_key, x_label, scale) in enumerate((("step", "step", 1), ("wall_s", "wall time (min)", 1 / 60))):
@@ -450,9 +497,5 @@ def plot_progress(path, log, records, title="", cfg_eval=None):
         if ax.lines:
             ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, plt, path)
     return True

@@ -63,3 +63,16 @@ def test_mean_and_std_over_runs_match_numpy_and_a_broken_run_is_left_out(three_r
         evaluate.main(argv)
     with pytest.raises(evaluate.UserError, match="none of the 2 runs could be scored"):
         evaluate.main([str(broken), str(tmp_path), "--quick"])
+
+
+def test_every_checkpoint_of_several_runs_draws_them_on_one_axis(three_runs, tmp_path, capsys):
+    _, runs, _ = three_runs
+    out = tmp_path / "curves"
+    with pytest.raises(evaluate.UserError, match="needs --out DIR"):
+        evaluate.main([str(runs[0]), str(runs[1]), "--every-checkpoint"])
+    assert evaluate.main([str(runs[0]), str(runs[1]), "--every-checkpoint", "--out", str(out)]) == 0
+    assert (out / "progress_runs.png").stat().st_size > 5000
+    for run in runs[:2]:  # each run's own curve, as for one run
+        steps = [json.loads(line)["step"] for line in (run / "encdiff" / "eval_checkpoints" / "metrics.jsonl").open()]
+        assert steps == [3, 6]
+    assert capsys.readouterr().out.count("time to disentanglement") == 2
