@@ -88,13 +88,18 @@ class VQVAEConfig:
     ckpt: str = ""  # use this VQ checkpoint and skip stage 1
 
 
+LR_SCALINGS = ("linear", "sqrt", "none")
+
+
 @dataclass
 class EncDiffConfig:
     steps: int = 100000
     batch_size: int = 128  # global, split across ranks
-    lr: float = 2.56e-4  # at lr_ref_batch; the used lr is lr * batch_size / lr_ref_batch
+    lr: float = 2.56e-4  # at lr_ref_batch; the used lr follows batch_size by lr_scaling
     lr_ref_batch: int = 128
+    lr_scaling: str = "linear"  # lr * (batch_size / lr_ref_batch): "linear"; its square root: "sqrt"; "none"
     warmup_steps: int = 10000
+    warmup_images: int = 0  # > 0: the warm-up lasts this many images at any batch (replaces warmup_steps)
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     ema_decay: float = 0.9999
@@ -401,6 +406,8 @@ def validate(cfg, sources=None):
     _check(e.lr_ref_batch > 0, "encdiff.lr_ref_batch", f"must be positive; got {e.lr_ref_batch}")
     _check(v.lr_ref_batch > 0, "vqvae.lr_ref_batch", f"must be positive; got {v.lr_ref_batch}")
     _check(e.warmup_steps >= 0, "encdiff.warmup_steps", f"must be >= 0; got {e.warmup_steps}")
+    _check(e.warmup_images >= 0, "encdiff.warmup_images", f"must be >= 0 (0: warmup_steps); got {e.warmup_images}")
+    _one_of(e.lr_scaling, LR_SCALINGS, "encdiff.lr_scaling")
     _check(e.weight_decay >= 0, "encdiff.weight_decay", f"must be >= 0; got {e.weight_decay}")
     _check(0 <= e.ema_decay < 1, "encdiff.ema_decay", f"must be in [0, 1); got {e.ema_decay}")
     for k in ("num_tokens", "token_dim", "encoder_ch", "model_channels", "num_res_blocks", "num_heads", "timesteps"):
@@ -527,7 +534,9 @@ STAGE_KEYS = {
             "batch_size",
             "lr",
             "lr_ref_batch",
+            "lr_scaling",
             "warmup_steps",
+            "warmup_images",
             "weight_decay",
             "betas",
             "ema_decay",

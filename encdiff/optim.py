@@ -8,13 +8,23 @@ tensors only, so a captured update (encdiff/graphs.py) replays it as it is.
     lr = base_lr * lr_factor(step, warmup_steps)
 """
 
+import math
+
 import torch
 
 
 def scaled_lr(section):
-    """The learning rate a stage trains with: its lr, set for lr_ref_batch images, scaled linearly
-    with its global batch (one rule for both stages)."""
-    return section.lr * section.batch_size / section.lr_ref_batch
+    """The learning rate a stage trains with: its lr, set for lr_ref_batch images, scaled with its
+    global batch by lr_scaling (linear, the square root, or not at all; stage 1 always linearly)."""
+    ratio = section.batch_size / section.lr_ref_batch
+    rule = getattr(section, "lr_scaling", "linear")
+    return section.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
+
+
+def warmup_steps(e):
+    """Stage 2's warm-up in steps: encdiff.warmup_images / batch when given (the same images at any
+    batch), else encdiff.warmup_steps."""
+    return math.ceil(e.warmup_images / e.batch_size) if e.warmup_images else e.warmup_steps
 
 
 def lr_factor(step, warmup):

@@ -33,7 +33,7 @@ from encdiff.models.encoder import ConceptEncoder
 from encdiff.models.unet import ResBlock, SpatialTransformer
 from encdiff.models.vqvae import AttnBlock, ResnetBlock
 from encdiff.models.vq_loss import VQLoss
-from encdiff.optim import EMA, NonFiniteGuard, lr_factor, make_optimizer, scaled_lr
+from encdiff.optim import EMA, NonFiniteGuard, lr_factor, make_optimizer, scaled_lr, warmup_steps
 from encdiff.sync_bn import convert_to_global_bn
 
 # Test hook for fault injection: ENCDIFF_INJECT_NAN="3,4" makes the loss of steps 3 and 4 NaN.
@@ -352,7 +352,7 @@ class EncDiffStep(Step):
 
     def lr_at(self, step):
         """The learning rate of global step `step`: linear warm-up, then constant."""
-        return self.lr * lr_factor(step, self.cfg.encdiff.warmup_steps)
+        return self.lr * lr_factor(step, warmup_steps(self.cfg.encdiff))
 
     def summary(self, start):
         e, m = self.cfg.encdiff, self.model
