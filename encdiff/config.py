@@ -171,13 +171,25 @@ def _type_name(tp):
     return getattr(tp, "__name__", str(tp)).replace("list[", "list of ").rstrip("]")
 
 
+def _show(value):
+    """repr(value) for a message: Python refuses to write an int of over 4300 digits."""
+    try:
+        return repr(value)
+    except ValueError:
+        what = "" if isinstance(value, int) else f"a {type(value).__name__} holding "
+        return f"{what}a number of over 4300 digits"
+
+
 def _coerce(value, tp, where):
     """Check a TOML value against a field's type; ints are accepted where floats are expected."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        # Every number ends up in numpy or torch (int64, or a float: float() of a larger int overflows).
+        raise UserError(f"{where}: {_show(value)} is out of range (more than 64 bits)")
     origin = get_origin(tp)
     if origin is list:
         (item_tp,) = get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where}: expected a list of {item_tp.__name__}, got {value!r}")
+            raise UserError(f"{where}: expected a list of {item_tp.__name__}, got {_show(value)}")
         return [_coerce(v, item_tp, where) for v in value]
     if tp is bool:
         if isinstance(value, bool):
@@ -193,7 +205,7 @@ def _coerce(value, tp, where):
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    raise UserError(f"{where}: expected {_type_name(tp)}, got {_show(value)}")
 
 
 def _parse_cli_value(text, tp):
@@ -206,7 +218,7 @@ def _parse_cli_value(text, tp):
         text = "[" + ",".join(f'"{t.strip()}"' if get_args(tp)[0] is str else t for t in text.split(",")) + "]"
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # not TOML (TOMLDecodeError is a ValueError), too many digits, too deep
         return text  # _coerce then reports the type mismatch
 
 
@@ -245,10 +257,22 @@ def load_file(cfg, path, sources=None):
     if not p.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        text = p.read_text()
+    except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
-    apply_dict(cfg, data, str(path), sources)
+    apply_dict(cfg, loads(text, path), str(path), sources)
+
+
+def loads(text, where):
+    """TOML text -> dict, or one UserError naming `where`."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: not valid TOML ({e})") from None
+    except ValueError:  # tomllib's int() of a number of over 4300 digits (Python's limit)
+        raise UserError(f"{where}: not valid TOML (a number of over 4300 digits)") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise UserError(f"{where}: not valid TOML (arrays or tables nested too deeply)") from None
 
 
 def apply_dict(cfg, data, where, sources=None, stored=False):
@@ -620,13 +644,16 @@ def keep_model_tables(cfg, stored):
 # writing
 
 
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", **{chr(i): f"\\u{i:04x}" for i in (*range(0x20), 0x7F)}}
+
+
 def _toml_value(v):
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)  # repr round-trips floats exactly
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):  # TOML takes a quote, a backslash or a control character only escaped
+        return '"' + "".join(_TOML_ESCAPES.get(c, c) for c in v) + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} as TOML")
@@ -645,10 +672,7 @@ def to_toml(cfg):
 
 def from_toml_text(text, where="stored config"):
     cfg = Config()
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{where}: not valid TOML ({e})") from None
+    data = loads(text, where)
     apply_dict(cfg, data, where, stored=True)
     if "lr_ref_batch" not in data.get("vqvae", {}):  # stored before stage 1's lr scaled: lr was absolute
         cfg.vqvae.lr_ref_batch = cfg.vqvae.batch_size

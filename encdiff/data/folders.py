@@ -120,11 +120,12 @@ def file_signature(folder, names, extra):
     to the folder or to the decoding gives another hash, hence a new decode."""
     h = hashlib.sha1(json.dumps([CACHE_VERSION, SIZE, extra]).encode())
     for name in names:
+        key = os.fsencode(name)  # the name's bytes: os.walk gives a name that is not UTF-8 with surrogate escapes
         try:
             st = os.stat(folder / name)
-            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{name}\0missing\n".encode())
+            h.update(key + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except (OSError, ValueError):  # missing, or a name no file can have (a NUL byte in CelebA's list)
+            h.update(key + b"\0missing\n")
     return h.hexdigest()
 
 
@@ -316,7 +317,7 @@ def read_celeba_attributes(path):
             raise UserError(f"{path}: line {i + 3} has {len(row) - 1} values for {len(names)} attributes")
     try:
         values = np.array([row[1:] for row in rows], dtype=np.int8).reshape(len(rows), len(names))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: a number past int8 ("300")
         raise UserError(f"{path}: attribute values must be -1 or 1") from None
     bad = ~np.isin(values, (-1, 1))
     if bad.any():

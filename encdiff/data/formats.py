@@ -13,7 +13,10 @@ the process's RAM. To share those as well, re-save them uncompressed (np.savez, 
 HDF5 format). Cars3D (216 MB) is decoded and resized into RAM.
 """
 
+import lzma
+import math
 import struct
+import tokenize
 import zipfile
 import zlib
 from functools import partial
@@ -52,15 +55,26 @@ FACTORS = {
 }
 
 
-def need_file(path, what):
+def need_file(path, what, download=None):
+    """`download`: a published dataset's loader name; its error then names the command that fetches it."""
     if not path.is_file():
-        raise UserError(f"{path}: no such file ({what})")
+        raise UserError(f"{path}: no such file ({what}){how_to_get(download, path)}")
+
+
+def how_to_get(download, path):
+    if download is None:
+        return ""
+    from encdiff.data.download import command_for  # here, not above: the downloader imports this module
+
+    return f"; {command_for(download, path)}"
 
 
 def check_array(path, key, shape, dtype, item_shape=None, ndim=4):
     """Images must be uint8 (N, *item_shape), or any (N, H, W, C) without an item_shape."""
     if dtype != np.uint8:
         raise UserError(f"{path}: '{key}' has dtype {dtype}, expected uint8")
+    if any(s < 0 for s in shape):  # numpy takes a .npy header's negative sizes as they are
+        raise UserError(f"{path}: '{key}' has shape {tuple(shape)}, a negative size (damaged header?)")
     if item_shape is not None:
         if tuple(shape[1:]) != tuple(item_shape):
             raise UserError(
@@ -73,34 +87,62 @@ def check_array(path, key, shape, dtype, item_shape=None, ndim=4):
 # --- HDF5 ---
 
 
+# What h5py raises for a file that opens but is damaged: the HDF5 library's errors surface as one of
+# these, depending on which part of the file is damaged.
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
+
+
 def read_h5(path, key, item_shape=None):
     """(Images, file attributes) of the uint8 dataset `key`; memory-mapped when contiguous."""
     try:
         f = h5py.File(path, "r")
     except OSError:
         raise UserError(f"{path}: not a readable HDF5 file") from None
-    with f:
-        if key not in f or not isinstance(f[key], h5py.Dataset):
-            raise UserError(f"{path}: no dataset '{key}' (found: {', '.join(f.keys()) or 'nothing'})")
-        d = f[key]
-        check_array(path, key, d.shape, d.dtype, item_shape)
-        # Unfiltered contiguous storage is one run of bytes; the offset is None until data is written.
-        offset = d.id.get_offset() if d.chunks is None else None
-        attrs = dict(f.attrs)
-        shape = d.shape
+    try:
+        with f:
+            if key not in f or not isinstance(f[key], h5py.Dataset):
+                found = ", ".join(map(str, f.keys())) or "nothing"  # str(): h5py gives bytes for a name not UTF-8
+                raise UserError(f"{path}: no dataset '{key}' (found: {found})")
+            d = f[key]
+            shape, dtype, attrs = d.shape, d.dtype, dict(f.attrs)
+            # Unfiltered contiguous storage is one run of bytes; the offset is None until data is written.
+            offset = d.id.get_offset() if d.chunks is None else None
+    except H5_ERRORS as e:
+        raise UserError(f"{path}: damaged HDF5 file ({e})") from None
+    check_array(path, key, shape, dtype, item_shape)
     if offset is not None:
+        if offset + math.prod(shape) > path.stat().st_size:  # np.memmap would fail with a ValueError
+            raise UserError(f"{path}: '{key}' ends early (truncated file?)")
         return Images(shape, raw=np.memmap(path, np.uint8, mode="c", offset=offset, shape=shape)), attrs
     return Images(shape, stream=partial(stream_h5, path, key), raw_shape=shape), attrs
 
 
 def stream_h5(path, key, size):
-    with h5py.File(path, "r") as f:
-        d = f[key]
-        for start in range(0, len(d), size):
-            yield d[start : start + size]
+    try:
+        with h5py.File(path, "r") as f:
+            d = f[key]
+            for start in range(0, len(d), size):
+                yield d[start : start + size]
+    except H5_ERRORS as e:  # damaged compressed chunks show only when they are read
+        raise UserError(f"{path}: '{key}' is corrupt ({e})") from None
 
 
 # --- .npz ---
+
+# What zipfile raises for a damaged member: a bad header or checksum (BadZipFile), bad compressed data
+# (zlib.error, lzma.LZMAError, OSError from bz2), data cut short (EOFError), an unknown compression
+# method or zip version (NotImplementedError), an encrypted member (RuntimeError), or a name flagged
+# UTF-8 that is not (UnicodeDecodeError).
+ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    OSError,
+    EOFError,
+    NotImplementedError,
+    RuntimeError,
+    UnicodeDecodeError,
+)
 
 
 def read_npy_header(f, path, key):
@@ -109,7 +151,7 @@ def read_npy_header(f, path, key):
         version = np.lib.format.read_magic(f)
         read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
         shape, fortran_order, dtype = read(f)
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, tokenize.TokenError):  # TokenError: numpy's retry on a header that is not Python
         raise UserError(f"{path}: '{key}' is not a valid .npy array") from None
     if fortran_order and len(shape) > 1:
         raise UserError(f"{path}: '{key}' is stored in Fortran order; re-save it C-contiguous")
@@ -120,7 +162,7 @@ def read_npz(path, key, item_shape=None, ndim=4):
     """Images of the uint8 array `key` of an .npz; memory-mapped when stored uncompressed."""
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
+    except ZIP_ERRORS:
         raise UserError(f"{path}: not an .npz (zip) file") from None
     with zf:
         names = zf.namelist()
@@ -128,9 +170,12 @@ def read_npz(path, key, item_shape=None, ndim=4):
             found = ", ".join(n.removesuffix(".npy") for n in names) or "nothing"
             raise UserError(f"{path}: no array '{key}' (found: {found})")
         info = zf.getinfo(key + ".npy")
-        with zf.open(info) as f:
-            shape, dtype = read_npy_header(f, path, key)
-            header = f.tell()
+        try:
+            with zf.open(info) as f:
+                shape, dtype = read_npy_header(f, path, key)
+                header = f.tell()
+        except ZIP_ERRORS:
+            raise UserError(f"{path}: '{key}' is corrupt (bad zip header, compressed data or checksum)") from None
     check_array(path, key, shape, dtype, item_shape, ndim)
     if info.compress_type != zipfile.ZIP_STORED:
         return Images(shape, stream=partial(stream_npz, path, key), raw_shape=shape)
@@ -139,10 +184,13 @@ def read_npz(path, key, item_shape=None, ndim=4):
         local = f.read(
             30
         )  # the local file header; its name and extra field lengths may differ from the central directory's
-    if local[:4] != b"PK\x03\x04":
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
         raise UserError(f"{path}: corrupt zip header for '{key}'")
     name_len, extra_len = struct.unpack("<HH", local[26:30])
     offset = info.header_offset + 30 + name_len + extra_len + header
+    if header + math.prod(shape) > info.file_size or offset + math.prod(shape) > path.stat().st_size:
+        # a header claiming more rows than the member holds: np.memmap would fail, or map the next member
+        raise UserError(f"{path}: '{key}' ends early: its shape {tuple(shape)} needs more bytes than it holds")
     return Images(shape, raw=np.memmap(path, np.uint8, mode="c", offset=offset, shape=shape))
 
 
@@ -158,7 +206,7 @@ def stream_npz(path, key, size):
                 if len(data) != n * row_bytes:
                     raise UserError(f"{path}: '{key}' ends early (truncated file?)")
                 yield np.frombuffer(data, dtype).reshape(n, *shape[1:])  # bytes -> (n, ...)
-    except (zipfile.BadZipFile, zlib.error, EOFError):
+    except ZIP_ERRORS:
         raise UserError(f"{path}: '{key}' is corrupt (bad compressed data or checksum)") from None
 
 
@@ -171,7 +219,7 @@ def dataset(name, path, images, factors):
 
 def open_shapes3d(path):
     """3dshapes.h5 (`images` (480000, 64, 64, 3) uint8, `labels`), or the .npz with key `images`."""
-    need_file(path, "Shapes3D: 3dshapes.h5 or 3dshapes.npz")
+    need_file(path, "Shapes3D: 3dshapes.h5 or 3dshapes.npz", "shapes3d")
     if zipfile.is_zipfile(path):
         images = read_npz(path, "images", IMAGE_SHAPE)
     else:
@@ -181,7 +229,7 @@ def open_shapes3d(path):
 
 def open_mpi3d(path):
     """mpi3d_{toy,realistic,real}.npz: `images` (1036800, 64, 64, 3) uint8; factors from the row."""
-    need_file(path, "MPI3D: mpi3d_*.npz")
+    need_file(path, "MPI3D: mpi3d_*.npz", "mpi3d")
     return dataset("mpi3d", path, read_npz(path, "images", IMAGE_SHAPE), FACTORS["mpi3d"])
 
 
@@ -191,12 +239,12 @@ def masks_to_rgb(masks):
 
 def open_dsprites(path):
     """dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz: `imgs` (737280, 64, 64) uint8 0/1 -> 0/255 RGB."""
-    need_file(path, "dSprites: dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz")
+    need_file(path, "dSprites: dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz", "dsprites")
     masks = read_npz(path, "imgs", IMAGE_SHAPE[:2], ndim=3)
     rows = masks.chunks(1)
-    first = next(rows)  # one image: cheap even when compressed
+    first = next(rows, None)  # one image: cheap even when compressed (None: no images, an error below)
     rows.close()
-    if first.max() > 1:
+    if first is not None and first.max() > 1:
         raise UserError(f"{path}: 'imgs' should hold 0/1 masks, found the value {first.max()}")
     return dataset("dsprites", path, masks.transformed(masks_to_rgb, IMAGE_SHAPE), FACTORS["dsprites"])
 
@@ -235,7 +283,7 @@ def open_cars3d(path, progress=True):
     """A folder of Cars3D .mat files (183 published), one object each, in sorted file-name order;
     factors elevation 4, azimuth 24, object; each 128x128 view resized to 64x64 with antialiasing."""
     if not path.is_dir():
-        raise UserError(f"{path}: no such folder (Cars3D: the folder of car .mat files)")
+        raise UserError(f"{path}: no such folder (Cars3D: the folder of car .mat files){how_to_get('cars3d', path)}")
     files = sorted(path.glob("*.mat"), key=lambda p: p.name)
     if not files:
         raise UserError(f"{path}: no .mat files in this folder (Cars3D)")
@@ -258,7 +306,10 @@ def open_h5(path, name="h5"):
     sizes, names = np.atleast_1d(attrs["factor_sizes"]), np.atleast_1d(attrs["factor_names"])
     if sizes.ndim != 1 or not np.issubdtype(sizes.dtype, np.integer):
         raise UserError(f"{path}: attribute 'factor_sizes' must be a list of integers, got {sizes.tolist()}")
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    try:
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: attribute 'factor_names' must be UTF-8 text, got {names.tolist()}") from None
     return GroundTruthDataset(name, path, images, sizes, names)
 
 
