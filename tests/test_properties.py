@@ -66,6 +66,17 @@ def outcome(fn, *args):
     return result
 
 
+def holds(examples, check, **strategies):
+    """check(**drawn) for `examples` examples drawn from the strategies (hypothesis)."""
+    budget(examples)(given(**strategies)(check))()
+
+
+@pytest.fixture(params=[1, pytest.param(SOAK, marks=pytest.mark.slow)], ids=["ci", "soak"])
+def scale(request):
+    """Each property twice: its CI budget, and SOAK times it behind -m slow."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """One folder for every example of the module (hypothesis runs many examples per test call)."""
@@ -247,17 +258,13 @@ def check_config(workdir, doc, overrides):
         assert isinstance(stored, (Config, UserError))
 
 
-@budget(600)
-@given(doc=toml_documents(), overrides=command_lines())
-def test_any_config_is_valid_or_one_user_error(workdir, doc, overrides):
-    check_config(workdir, doc, overrides)
-
-
-@pytest.mark.slow
-@budget(600 * SOAK)
-@given(doc=toml_documents(), overrides=command_lines())
-def test_any_config_is_valid_or_one_user_error_soak(workdir, doc, overrides):
-    check_config(workdir, doc, overrides)
+def test_any_config_is_valid_or_one_user_error(workdir, scale):
+    holds(
+        600 * scale,
+        lambda doc, overrides: check_config(workdir, doc, overrides),
+        doc=toml_documents(),
+        overrides=command_lines(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,17 +426,8 @@ def check_h5(workdir, spec):
         outcome(read_dataset, spec["name"], path)
 
 
-@budget(200)
-@given(spec=h5_files())
-def test_any_hdf5_file_opens_or_is_one_user_error(workdir, small_grids, spec):
-    check_h5(workdir, spec)
-
-
-@pytest.mark.slow
-@budget(200 * SOAK)
-@given(spec=h5_files())
-def test_any_hdf5_file_opens_or_is_one_user_error_soak(workdir, small_grids, spec):
-    check_h5(workdir, spec)
+def test_any_hdf5_file_opens_or_is_one_user_error(workdir, small_grids, scale):
+    holds(200 * scale, lambda spec: check_h5(workdir, spec), spec=h5_files())
 
 
 def npy_bytes(array, content):
@@ -488,17 +486,8 @@ def check_npz(workdir, spec):
         outcome(read_dataset, spec["name"], path)
 
 
-@budget(200)
-@given(spec=npz_files())
-def test_any_npz_file_opens_or_is_one_user_error(workdir, small_grids, spec):
-    check_npz(workdir, spec)
-
-
-@pytest.mark.slow
-@budget(200 * SOAK)
-@given(spec=npz_files())
-def test_any_npz_file_opens_or_is_one_user_error_soak(workdir, small_grids, spec):
-    check_npz(workdir, spec)
+def test_any_npz_file_opens_or_is_one_user_error(workdir, small_grids, scale):
+    holds(200 * scale, lambda spec: check_npz(workdir, spec), spec=npz_files())
 
 
 # --- image folders ---
@@ -578,17 +567,12 @@ def check_imagefolder(workdir, files):
             assert len(ours) == (1 if ds.skipped else 0)  # one warning lists the skipped files
 
 
-@budget(150)
-@given(files=st.lists(image_files(), min_size=1, max_size=5))
-def test_any_image_folder_opens_skipping_bad_files_or_is_one_user_error(workdir, files):
-    check_imagefolder(workdir, files)
-
-
-@pytest.mark.slow
-@budget(150 * SOAK)
-@given(files=st.lists(image_files(), min_size=1, max_size=5))
-def test_any_image_folder_opens_skipping_bad_files_or_is_one_user_error_soak(workdir, files):
-    check_imagefolder(workdir, files)
+def test_any_image_folder_opens_skipping_bad_files_or_is_one_user_error(workdir, scale):
+    holds(
+        150 * scale,
+        lambda files: check_imagefolder(workdir, files),
+        files=st.lists(image_files(), min_size=1, max_size=5),
+    )
 
 
 # --- CelebA: an attribute table naming the images ---
@@ -625,17 +609,8 @@ def check_celeba(workdir, folder_spec):
             assert ds.attributes.shape == (len(ds), len(ds.attribute_names))
 
 
-@budget(100)
-@given(folder_spec=celeba_folders())
-def test_any_celeba_folder_opens_skipping_bad_files_or_is_one_user_error(workdir, folder_spec):
-    check_celeba(workdir, folder_spec)
-
-
-@pytest.mark.slow
-@budget(100 * SOAK)
-@given(folder_spec=celeba_folders())
-def test_any_celeba_folder_opens_skipping_bad_files_or_is_one_user_error_soak(workdir, folder_spec):
-    check_celeba(workdir, folder_spec)
+def test_any_celeba_folder_opens_skipping_bad_files_or_is_one_user_error(workdir, scale):
+    holds(100 * scale, lambda folder_spec: check_celeba(workdir, folder_spec), folder_spec=celeba_folders())
 
 
 # ---------------------------------------------------------------------------------------------
