@@ -419,15 +419,16 @@ def write_h5_file(path, spec):
     damage(path, spec["damage"])
 
 
-def check_h5(workdir, spec):
+def check_file(workdir, spec, name, write):
+    """Write the drawn file into a folder of its own, then open it as train.py would."""
     with tempfile.TemporaryDirectory(dir=workdir) as d:
-        path = Path(d) / "data.h5"
-        write_h5_file(path, spec)
+        path = Path(d) / name
+        write(path, spec)
         outcome(read_dataset, spec["name"], path)
 
 
 def test_any_hdf5_file_opens_or_is_one_user_error(workdir, small_grids, scale):
-    holds(200 * scale, lambda spec: check_h5(workdir, spec), spec=h5_files())
+    holds(200 * scale, lambda spec: check_file(workdir, spec, "data.h5", write_h5_file), spec=h5_files())
 
 
 def npy_bytes(array, content):
@@ -479,15 +480,8 @@ def write_npz_file(path, spec):
     damage(path, spec["damage"])
 
 
-def check_npz(workdir, spec):
-    with tempfile.TemporaryDirectory(dir=workdir) as d:
-        path = Path(d) / "data.npz"
-        write_npz_file(path, spec)
-        outcome(read_dataset, spec["name"], path)
-
-
 def test_any_npz_file_opens_or_is_one_user_error(workdir, small_grids, scale):
-    holds(200 * scale, lambda spec: check_npz(workdir, spec), spec=npz_files())
+    holds(200 * scale, lambda spec: check_file(workdir, spec, "data.npz", write_npz_file), spec=npz_files())
 
 
 # --- image folders ---
