@@ -59,7 +59,7 @@ def main(argv=None):
     code = 0
     for one in seed_runs(cfg):  # cfg itself, or one run per seed of run.seeds
         code = train_run(one, stop)
-        if cfg.run.seeds:
+        if cfg.run.seeds and os.environ.get("RANK", "0") == "0":  # one figure per run.out_dir writer
             plot_seeds(cfg)
         if code:  # a stop signal: the next seeds wait for the rerun
             break
