@@ -381,7 +381,10 @@ def evaluate_one(path, args, files, overrides, requested, out_dir):
         "table": table,
     }
     metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(record, indent=2) + "\n")
+    try:  # whole or not at all: a full disk leaves no partial metrics.json that a rerun would trust
+        ckpt.write_text_atomic(metrics_path, json.dumps(record, indent=2) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {metrics_path}: {e.strerror or e}") from None
     print(f"wrote {metrics_path}")
 
     n_images, n_values, steps = picture_settings(cfg.eval, quick)

@@ -20,7 +20,6 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -100,7 +99,7 @@ def plot_seeds(cfg):
 
 def train_run(cfg, stop):
     """One run: the checks before any long work, then its stages in run.out_dir. -> exit status."""
-    d = dist.setup(cfg.run.device, cfg.run.init_timeout)
+    d = dist.setup(cfg.run.device, cfg.run.init_timeout, cfg.run.collective_timeout or None)
     for name in STAGES:
         if getattr(cfg, name).batch_size % d.world_size:
             raise UserError(
@@ -389,8 +388,10 @@ def guarded_save(write, step, final, stage_dir, r):
     except OSError as e:
         if final:
             raise Halt(f"cannot write the checkpoint of step {step} in {stage_dir}: {e.strerror or e}") from None
-        warnings.warn(
-            f"checkpoint of step {step} not written ({e.strerror or e}); the previous one is intact", stacklevel=2
+        print(
+            f"warning: checkpoint of step {step} not written ({e.strerror or e}); the previous one is intact",
+            file=sys.stderr,
+            flush=True,
         )
 
 

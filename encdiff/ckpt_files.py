@@ -5,13 +5,17 @@ One safetensors file per checkpoint: tensors under prefixes (`model.`, `ema.`, `
 and string metadata: `step`, `stage`, `config` (the resolved TOML), `versions`, JSON extras
 (optimiser param groups, scaler state) and `checksum`, a SHA-256 over every tensor's bytes, so a
 truncated or bit-flipped file is detected. Nothing is ever unpickled. Writes are atomic
-(temporary file, fsync, rename) and the last K checkpoints of a stage are kept.
+(temporary file, fsync, rename) and the last K checkpoints of a stage are kept; a write that fails
+(a full disk) leaves no file behind and raises an OSError that says why, and on a full disk how much
+space the file needs (DiskFull).
 """
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -103,9 +107,26 @@ def save_checkpoint(path, tensors, *, step, stage, config_toml, extra=None):
     }
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
+    # about the file's size, for the message of a full disk: the tensors' bytes and the JSON header
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    size += len(json.dumps(meta)) + sum(len(k) + 72 for k in tensors)
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), size)
+
+
+class DiskFull(OSError):
+    """No space (or quota) left for a file: errno ENOSPC/EDQUOT, and strerror says how much it needs,
+    so that a caller printing `e.strerror` says it too."""
+
+
+def write_atomic(path, write, size):
+    """write(tmp) a temporary file beside `path`, fsync, rename it to `path`: a reader (evaluate.py
+    while training runs) sees the old file or the new one, never part of one. On failure nothing
+    is left behind and the error is an OSError (safetensors raises its own type for I/O errors);
+    `size`, the bytes the file takes, goes in the message of a full disk."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -114,9 +135,38 @@ def save_checkpoint(path, tensors, *, step, stage, config_toml, extra=None):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)  # first: the space it took counts as free in the message
+        raise as_os_error(e, path, size) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def as_os_error(e, path, size):
+    """The error of a failed write as an OSError: safetensors' I/O errors carry the errno only in their
+    text ("... (os error 28)"); a full disk becomes a DiskFull that says how much space the file needs.
+    Anything else (not an I/O error) is returned as it is."""
+    code = e.errno if isinstance(e, OSError) else None
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    if code is None and found is not None:
+        code = int(found.group(1))
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(path.parent).free
+        message = f"{os.strerror(code)}: {path.name} needs {mib(size)}, {mib(free)} free in {path.parent}"
+        return DiskFull(code, message, str(path))
+    if isinstance(e, OSError) or code is None:
+        return e
+    return OSError(code, os.strerror(code), str(path))
+
+
+def mib(n):
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def write_text_atomic(path, text):
+    """A text file (metrics.json) written like a checkpoint: whole or not at all."""
+    data = text.encode()
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data), len(data))
 
 
 def read_metadata(path):
@@ -173,6 +223,8 @@ def latest_good_checkpoint(stage_dir, device="cpu"):
             tensors, meta = load_checkpoint(path, device)
             return path, tensors, meta
         except UserError as e:
+            if not os.path.lexists(path):  # pruned since the listing by a run that wrote a newer one: list again
+                return latest_good_checkpoint(stage_dir, device)
             warnings.warn(f"skipping {e}", stacklevel=2)
     return None
 

@@ -47,6 +47,7 @@ class RunConfig:
     stop_check_every: int = 10  # steps between the ranks' agreement on a stop signal (a host sync)
     max_nonfinite: int = 20  # non-finite steps in a row (skipped) before training stops
     init_timeout: float = 300.0  # seconds for the ranks to connect; then a rank exits (torchrun can restart)
+    collective_timeout: float = 0.0  # seconds a step waits for the other ranks, then fails (a cut link); 0: torch's
     max_hours: float = 24.0  # CPU: refuse a run that timed steps say takes longer (0: no limit)
     tensorboard: bool = False  # also write the log, live metrics and pictures for TensorBoard (pip install -e ".[tb]")
     seeds: list[int] = field(default_factory=list)  # several runs, one per seed, in out_dir/seed_N (empty: run.seed)
@@ -389,6 +390,11 @@ def validate(cfg, sources=None):
         f"must be among SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP; got {r.stop_signals}",
     )
     _check(r.max_hours >= 0, "run.max_hours", f"must be >= 0 (0: no limit); got {r.max_hours}")
+    _check(
+        r.collective_timeout >= 0,
+        "run.collective_timeout",
+        f"must be >= 0 (0: torch's default); got {r.collective_timeout}",
+    )
     for k in ("stop_check_every", "max_nonfinite", "init_timeout"):
         _check(getattr(r, k) > 0, f"run.{k}", f"must be positive; got {getattr(r, k)}")
     for k in ("log_every", "ckpt_every", "keep_last", "image_every"):
@@ -586,6 +592,7 @@ FREE_KEYS = {
         "stop_check_every",
         "max_nonfinite",
         "init_timeout",
+        "collective_timeout",
         "max_hours",
         "tensorboard",
         "seeds",

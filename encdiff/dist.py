@@ -3,10 +3,12 @@ few collectives the trainer needs. Works for `python train.py` (one process, no 
 and under torchrun on one or several nodes (NCCL on CUDA, gloo on the CPU)."""
 
 import os
+import re
 import signal
 import sys
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -39,11 +41,15 @@ def init_with_watchdog(backend, timeout_s, rank, **kwargs):
     listener side ignores the timeout, pytorch/gloo#520), which left `torchrun --max-restarts` jobs
     stuck after a SIGKILL; an exit instead is one more restart, which torchrun handles."""
     done = threading.Event()
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
 
     def watchdog():
         if not done.wait(timeout_s):
             print(
-                f"rank {rank}: init_process_group did not return within {timeout_s:g} s (run.init_timeout); "
+                f"rank {rank}: the other ranks did not all connect within {timeout_s:g} s (run.init_timeout) at "
+                f"{where} (MASTER_ADDR:MASTER_PORT): check that every node was started with the same --nnodes, "
+                f"that this address is reachable from every node (firewall; GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME "
+                f"for the right interface) and, in containers, give torchrun --local_addr=<this node's address>; "
                 f"exiting so that torchrun can restart the group",
                 file=sys.stderr,
                 flush=True,
@@ -72,7 +78,9 @@ def attempt_store():
     return dist.PrefixStore(f"encdiff/attempt_{attempt}", store)
 
 
-def setup(device="auto", init_timeout=300.0):
+def setup(device="auto", init_timeout=300.0, collective_timeout=None):
+    """-> Dist. collective_timeout: seconds a collective waits for the other ranks before it fails,
+    which bounds the wait after a cut link (None or 0: torch's default, 30 minutes with gloo)."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -91,8 +99,51 @@ def setup(device="auto", init_timeout=300.0):
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        init_with_watchdog("nccl" if use_cuda else "gloo", init_timeout, rank, device_id=dev if use_cuda else None)
+        kwargs = {"device_id": dev if use_cuda else None}
+        if collective_timeout:
+            kwargs["timeout"] = timedelta(seconds=collective_timeout)
+        init_with_watchdog("nccl" if use_cuda else "gloo", init_timeout, rank, **kwargs)
+        say_lost_peer_in_one_line(rank)
     return Dist(rank, local_rank, world_size, dev)
+
+
+# what gloo's errors say when the other end went away (a node died) or stopped answering (a cut link)
+LOST_PEER = re.compile(
+    r"Connection (reset|closed) by peer|Broken pipe|Connection refused|No route to host|Socket closed|"
+    r"(Read|Write) error \[|Timed out waiting \d+ms for (recv|send) operation|Application timeout caused pair closure",
+    re.IGNORECASE,
+)
+
+
+def lost_peer(e):
+    """The gist of a collective's error whose peer is gone, or None for any other error."""
+    if not isinstance(e, RuntimeError):
+        return None
+    text = str(e).split("This is typically caused")[0]  # gloo's advice after the reason
+    found = LOST_PEER.search(text)
+    if found is None:
+        return None
+    # "[.../pair.cc:537] Read error [10.231.7.2]:26846: Connection reset by peer." -> from "Read error" on
+    return re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]).strip().rstrip(".") or found.group(0)
+
+
+def say_lost_peer_in_one_line(rank):
+    """An error that escapes train.py because the other ranks are gone is one line saying so, in
+    place of a traceback from inside a collective (the exit status stays 1)."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        gist = lost_peer(value)
+        if gist is None:
+            return previous(kind, value, tb)
+        print(
+            f"error: rank {rank} lost the other ranks ({gist}): a node stopped, or the network between the "
+            f"nodes failed. The last checkpoint is intact: start every node again to resume from it.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    sys.excepthook = hook
 
 
 def print0(*args, **kwargs):
