@@ -15,7 +15,7 @@ from encdiff import ckpt_files as ckpt
 from encdiff.config import parse_args
 from encdiff.data import load_all, open_dataset
 from encdiff.models.encdiff import build_vq
-from encdiff.runlog import Window
+from encdiff.runlog import NoBoard, Window
 from conftest import ROOT, TINY, final, run_train
 
 SYNCING_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.item")
@@ -67,7 +67,7 @@ def test_no_host_sync_inside_a_step(tiny_data, precision):
         st.prepare(0)
         win = Window(torch.device("cpu"))
         vote = dist.StopVote(dist.StopSignal([]), one_process())
-        cadence = train.Cadence(cfg.run, one_process(), 100, None, _Bar(), vote, lambda *a, **k: None)
+        cadence = train.Cadence(cfg.run, one_process(), 100, None, _Bar(), vote, lambda *a, **k: None, NoBoard())
         st(0)  # the optimiser's state is made at its first step
         with CountSyncs() as counter:
             for i in range(1, 2):  # the optimiser's state exists: a steady step
