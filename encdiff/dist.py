@@ -184,6 +184,7 @@ def barrier():
 
 def cleanup():
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while another still uses them (gloo aborts)
         dist.destroy_process_group()
 
 

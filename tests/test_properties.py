@@ -260,7 +260,7 @@ def check_config(workdir, doc, overrides):
 
 def test_any_config_is_valid_or_one_user_error(workdir, scale):
     holds(
-        600 * scale,
+        400 * scale,
         lambda doc, overrides: check_config(workdir, doc, overrides),
         doc=toml_documents(),
         overrides=command_lines(),

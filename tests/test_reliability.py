@@ -143,7 +143,8 @@ def test_a_signal_to_torchrun_ends_the_job_without_a_restart(tmp_path, tiny_data
     assert "Restarting" not in stderr and ckpt_steps(out, "encdiff")[-1] < LONG_STEPS
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+# SIGINT and SIGTERM share one handler: CI tries SIGTERM, -m slow both
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM])
 def test_a_signal_while_the_data_is_generated_stops_it_and_leaves_no_file(tmp_path, sig):
     data = tmp_path / "data" / "synth3d.h5"
     cmd = [
