@@ -145,6 +145,7 @@ def test_step_profile_union_of_intervals():
     assert step_profile.union_ms([]) == 0
 
 
+@pytest.mark.slow  # 12 s of torchrun (CI's suite budget); train.py's own two-rank runs stay in CI
 def test_train_bench_scaling_two_gloo_ranks(tmp_path):
     out = tmp_path / "scaling.json"
     r = run(

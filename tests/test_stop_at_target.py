@@ -6,6 +6,7 @@ Targets of 0 make every point reach them, so the patience decides the step."""
 import json
 import shutil
 
+import pytest
 import torch
 
 from conftest import final, run_train, train_args, train_error, train_in_process, with_straights_vq
@@ -51,6 +52,7 @@ def test_it_stops_at_the_first_point_that_keeps_the_targets_and_a_resume_keeps_t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # 14 s: torchrun, two ranks and a metrics worker (CI's suite budget)
 def test_every_rank_stops_at_the_same_step(tmp_path, tiny_data, straight):
     out = with_straights_vq(tmp_path / "run", straight)
     r = run_train(out, tiny_data, "--encdiff.steps=40", *RULE, nproc=2)
