@@ -259,17 +259,12 @@ def format_table(results, baseline, dataset_name, notes=None):
     (the paper's datasets; synth3d shows Shapes3D's, labelled as a reference only); a metric in
     `notes` (degenerate_scores) is marked, with the reason under the table."""
     notes = notes or {}
-    paper_key = "shapes3d" if dataset_name == "synth3d" else dataset_name
-    paper_name, paper = PAPER_ENCDIFF.get(paper_key, (None, {}))
+    paper_label, paper = paper_scores(dataset_name)
     header = ["metric", "ours"]
     if baseline is not None:
         header.append("random enc.")
     if paper:
-        header.append(
-            f"paper EncDiff ({paper_name})"
-            if paper_key == dataset_name
-            else f"paper EncDiff on {paper_name} (reference only)"
-        )
+        header.append(paper_label)
     rows = []
     for name, scores in results.items():
         for key, value in scores.items():
@@ -279,13 +274,29 @@ def format_table(results, baseline, dataset_name, notes=None):
             if paper:
                 row.append(_fmt(paper.get((name, key))))
             rows.append(row)
+    return "\n".join([text_table(header, rows), *[f"(!) {name}: {why}" for name, why in notes.items()]])
+
+
+def paper_scores(dataset_name):
+    """(column label, {(metric, key): the paper's EncDiff value}) for a dataset: the paper's
+    datasets, and synth3d labelled as Shapes3D's reference only; ("", {}) for the others."""
+    paper_key = "shapes3d" if dataset_name == "synth3d" else dataset_name
+    paper_name, paper = PAPER_ENCDIFF.get(paper_key, (None, {}))
+    if paper_name is None:
+        return "paper EncDiff", {}
+    if paper_key == dataset_name:
+        return f"paper EncDiff ({paper_name})", paper
+    return f"paper EncDiff on {paper_name} (reference only)", paper
+
+
+def text_table(header, rows):
+    """Columns padded to their widest cell: the first left-aligned, the numbers right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells):
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    table = [line(header), "  ".join("-" * w for w in widths), *map(line, rows)]
-    return "\n".join(table + [f"(!) {name}: {why}" for name, why in notes.items()])
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,26 +336,20 @@ def summarize(scored):
 
 
 def paper_value(dataset_name, key):
-    paper_key = "shapes3d" if dataset_name == "synth3d" else dataset_name
-    _, paper = PAPER_ENCDIFF.get(paper_key, (None, {}))
-    return paper.get(tuple(key.split(".", 1)))
+    """The paper's EncDiff value of score "metric.key" on a dataset, or None."""
+    return paper_scores(dataset_name)[1].get(tuple(key.split(".", 1)))
 
 
 def format_summary(scored, summary, dataset_name):
     """A table: one column per run, then mean ± std (n), then the paper's EncDiff value."""
-    header = ["metric", *[name for name, _ in scored], "mean ± std (n)", "paper EncDiff"]
+    header = ["metric", *[name for name, _ in scored], "mean ± std (n)", paper_scores(dataset_name)[0]]
     rows = []
     for key, m in summary.items():
         spread = f"{m['mean']:.3f} ± {m['std']:.3f} ({m['n']})" if m["n"] > 1 else f"{m['mean']:.3f} (1)"
         rows.append(
             [key, *[_fmt(scores.get(key)) for _, scores in scored], spread, _fmt(paper_value(dataset_name, key))]
         )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+    return text_table(header, rows)
 
 
 # ---------------------------------------------------------------------------------------------
