@@ -149,9 +149,10 @@ def train_stages(cfg, d, stop, out_dir):
     return stopped
 
 
-def run():
+def run(argv=None):
+    """The command line: main's exit status, a one-line error (exit 2 for a mistake, 1 for a halt)."""
     try:
-        code = exit_on_user_error(main)
+        code = exit_on_user_error(lambda: main(argv))
     except Halt as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

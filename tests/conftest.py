@@ -5,13 +5,16 @@ one straight tiny run for every test that compares with it, and the CPU setup.
     def test_x(tiny_data, straight): ...                             # fixtures (session-wide)
 """
 
+import contextlib
 import importlib.util
+import io
 import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import h5py
@@ -87,9 +90,22 @@ def train_args(out_dir, data, *extra):
     return [*TINY, f"--run.out_dir={out_dir}", "--data.name=h5", f"--data.path={data}", *extra]
 
 
-def run_train(out_dir, data, *extra, nproc=1, check=True):
-    """train.py (under torchrun with nproc > 1) on TINY in a subprocess, one thread per process."""
+def run_train(out_dir, data, *extra, nproc=1, check=True, process=False):
+    """train.py on TINY with one thread per process -> a CompletedProcess (returncode, stdout,
+    stderr). Under torchrun when nproc > 1; in this process when nproc == 1 and not `process` (what
+    a subprocess would print and its exit status, without paying torch's imports again: tests that
+    need a process of its own, for signals or a namespace, say process=True)."""
     args = train_args(out_dir, data, *extra)
+    if nproc == 1 and not process:
+        r = train_here(args)
+    else:
+        r = train_process(args, nproc)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def train_process(args, nproc=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "train.py"), *args]
@@ -103,10 +119,34 @@ def run_train(out_dir, data, *extra, nproc=1, check=True):
             str(ROOT / "train.py"),
             *args,
         ]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def train_here(args):
+    """train.py's command line in this process, as its own process would run it: one thread (the
+    CPU's reductions depend on the thread count), its stop handlers and exit status."""
+    import train
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")  # a process's own rule, and its warnings on its stderr
+            warnings.showwarning = lambda msg, cat, name, line_no, file=None, line=None: err.write(
+                warnings.formatwarning(msg, cat, name, line_no, line)
+            )
+            try:
+                train.run(list(map(str, args)))
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        torch.set_num_threads(threads)
+        for s, h in handlers.items():  # train.py installs its stop handlers first
+            signal.signal(s, h)
+    return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
 
 
 def train_error(*argv):

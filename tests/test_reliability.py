@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, final, run_train, train_args, train_error, with_straights_vq
+from encdiff import steps as step_module
 
 LONG_STEPS = 12
 LONG = [f"--encdiff.steps={LONG_STEPS}", "--run.ckpt_every=4", "--run.stop_check_every=1"]
@@ -237,29 +238,23 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_dat
     assert log == [2, 4]  # step 3's row (the corrupt checkpoint's run) went with it
 
 
-def test_a_nonfinite_step_is_skipped_and_counted(tmp_path, tiny_data):
+def test_a_nonfinite_step_is_skipped_and_counted(tmp_path, tiny_data, monkeypatch):
     out = tmp_path / "run"
-    os.environ["ENCDIFF_INJECT_NAN"] = "3"
-    try:
-        run_train(out, tiny_data, "--run.stages=vqvae")
-    finally:
-        del os.environ["ENCDIFF_INJECT_NAN"]
+    monkeypatch.setattr(step_module, "INJECT_NAN", frozenset({3}))  # in a process of its own: ENCDIFF_INJECT_NAN=3
+    run_train(out, tiny_data, "--run.stages=vqvae")
     log = [json.loads(line) for line in (out / "vqvae" / "log.jsonl").read_text().splitlines()]
     assert [rec["skipped_nonfinite"] for rec in log] == [0, 1]
     assert all(np.isfinite(rec["loss"]) for rec in log)
     assert all(torch.isfinite(t).all() for t in final(out, "vqvae").values() if t.is_floating_point())
 
 
-def test_too_many_nonfinite_steps_stop_with_the_last_good_state(tmp_path, tiny_data):
+def test_too_many_nonfinite_steps_stop_with_the_last_good_state(tmp_path, tiny_data, monkeypatch):
     out = tmp_path / "run"
-    os.environ["ENCDIFF_INJECT_NAN"] = ",".join(str(s) for s in range(2, LONG_STEPS))
-    try:
-        r = run_train(
-            out, tiny_data, *LONG, "--run.stages=vqvae", f"--vqvae.steps={LONG_STEPS}", "--run.max_nonfinite=3",
-            check=False,
-        )  # fmt: skip
-    finally:
-        del os.environ["ENCDIFF_INJECT_NAN"]
+    monkeypatch.setattr(step_module, "INJECT_NAN", frozenset(range(2, LONG_STEPS)))
+    r = run_train(
+        out, tiny_data, *LONG, "--run.stages=vqvae", f"--vqvae.steps={LONG_STEPS}", "--run.max_nonfinite=3",
+        check=False,
+    )  # fmt: skip
     errors = [line for line in r.stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
     assert r.returncode == 1 and len(errors) == 1 and "non-finite" in errors[0]
     steps = ckpt_steps(out, "vqvae")
