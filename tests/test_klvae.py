@@ -2,9 +2,6 @@
 Gaussian latent and its KL term, and train.py + evaluate.py end to end on a tiny image folder."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import evaluate
-from conftest import ROOT, SMOKE
+from conftest import ROOT, SMOKE, train_here
 from encdiff.config import build_config
 from encdiff.errors import UserError
 from encdiff.images import uint8_to_model
@@ -147,24 +144,21 @@ def kl_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("kl")
     photos = write_photos(root / "photos")
     out = root / "run"
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--config",
-        str(SMOKE[0]),
-        "--config",
-        str(SMOKE[1]),
-        "--data.name=imagefolder",
-        f"--data.path={photos}",
-        "--vqvae.kind=kl",
-        "--vqvae.steps=2",
-        "--encdiff.steps=2",
-        f"--run.out_dir={out}",
-        "--run.log_every=1",
-        "--run.ckpt_every=2",
-    ]
-    r = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    r = train_here(
+        [
+            "--config",
+            SMOKE[0],
+            "--config",
+            SMOKE[1],
+            "--data.name=imagefolder",
+            f"--data.path={photos}",
+            "--vqvae.kind=kl",
+            "--vqvae.steps=2",
+            "--encdiff.steps=2",
+            f"--run.out_dir={out}",
+            "--run.log_every=1",
+            "--run.ckpt_every=2",
+        ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return {"root": root, "photos": photos, "out": out, "stderr": r.stderr}
