@@ -282,7 +282,7 @@ def run_checks(cases, dtype, device, layout):
     return results, ok
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer warm-up runs and repetitions")
     ap.add_argument(
@@ -296,7 +296,7 @@ def main():
         help="fused: q, k, v are strided slices of fused projections; separate: contiguous tensors",
     )
     ap.add_argument("--json", metavar="PATH", help="write every number to this file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     dtype = DTYPES[args.dtype]
     cases = [parse_shape(s) for s in args.shape] or [(site, B) for site in SITES for B in BATCHES]
     report = {"device": None, "dtype": args.dtype, "layout": args.layout, **versions()}
