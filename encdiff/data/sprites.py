@@ -57,11 +57,14 @@ def generate(out, progress=True):
         f.attrs["factor_names"] = list(FACTOR_NAMES)
         rows = np.ndindex(*FACTOR_SIZES)  # row-major: the last factor varies fastest
         block = np.empty((len(POSITIONS), RES, RES, 3), np.uint8)  # one run of pos_y
+        covered = {}  # the coverage does not depend on the hue: each computed once, not once per hue
         with tqdm(total=n, desc="sprites2d", unit="img", unit_scale=True, disable=not progress) as bar:
             for start in range(0, n, len(POSITIONS)):
                 for j in range(len(POSITIONS)):
                     s, h, k, ix, iy = next(rows)
-                    a = coverage(SHAPES[s], SCALES[k], POSITIONS[ix], POSITIONS[iy])[..., None]  # (RES, RES, 1)
+                    if (s, k, ix, iy) not in covered:
+                        covered[s, k, ix, iy] = coverage(SHAPES[s], SCALES[k], POSITIONS[ix], POSITIONS[iy])
+                    a = covered[s, k, ix, iy][..., None]  # (RES, RES, 1)
                     block[j] = np.round(255 * (a * colours[h] + (1 - a) * BACKGROUND))
                 images[start : start + len(POSITIONS)] = block
                 bar.update(len(POSITIONS))
