@@ -58,11 +58,17 @@ def run(cmd, **kw):
 
 def test_train_bench_quick_cpu_table_and_json(tmp_path, bench, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--batch", "4", "--warmup", "1", "--steps", "1", "--json", str(out)]) == 0
+    tiny = [
+        "--vqvae.ch_mult=[1,1,2]",
+        "--encdiff.channel_mult=[1,2]",
+        "--encdiff.attention_levels=[0,1]",
+        "--encdiff.encoder_ch=16",
+    ]
+    assert bench.main(["--quick", "--batch", "2", "--warmup", "1", "--steps", "1", "--json", str(out), *tiny]) == 0
     stdout = capsys.readouterr().out
     report = json.loads(out.read_text())
     rows = report["rows"]
-    assert report["meta"]["model"].startswith("small") and report["meta"]["batch"] == 4
+    assert report["meta"]["model"].startswith("small") and report["meta"]["batch"] == 2
     for stage in ("vqvae", "encdiff"):
         mine = {row["config"]: row for row in rows if row["stage"] == stage}
         assert sorted(mine) == sorted(bench.ROWS)
