@@ -40,3 +40,30 @@ def test_seed_mistakes_are_one_line(tmp_path, tiny_data, monkeypatch):
     message = train_error(*train_args(tmp_path / "r", tiny_data, "--run.seeds=0,1", "--run.parallel=seeds"))
     assert message == "run.parallel = 'seeds': 2 seeds for 3 processes; give each process a seed"
     assert not (tmp_path / "r").exists()
+
+
+def test_the_seeds_progress_png_draws_every_seed_on_one_axis(tmp_path, tiny_data):
+    """run.out_dir/progress.png after each seed: one line per seed (its live metrics so far), none
+    for a seed not started yet."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    import train
+    from encdiff.config import parse_args
+
+    cfg = parse_args(train_args(tmp_path, tiny_data, "--run.seeds=0,1,2"))
+    scores = lambda f, d: {"factor_vae": {"eval_accuracy": f}, "dci": {"disentanglement": d}}  # noqa: E731
+    for seed, rows in ((0, [(1000, 0.3, 0.1), (2000, 0.6, 0.4)]), (1, [(1000, 0.5, 0.2)])):
+        stage = tmp_path / f"seed_{seed}" / "encdiff"
+        stage.mkdir(parents=True)
+        lines = [json.dumps({"step": n // 8, "images_seen": n, **scores(f, d)}) for n, f, d in rows]
+        (stage / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    train.plot_seeds(cfg)
+    with Image.open(tmp_path / "progress.png") as im:
+        drawn = np.asarray(im.convert("RGB")).astype(int)
+    assert drawn.shape[1] > drawn.shape[0] and drawn.std() > 1  # two panels side by side, not blank
+    # the default colour cycle's first two lines are there (seeds 0 and 1), its third (seed 2) is not
+    colours = {tuple(c) for c in drawn.reshape(-1, 3)}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours and (44, 160, 44) not in colours
