@@ -358,6 +358,14 @@ def parse_args(argv):
 # values
 
 
+def _is_utf8(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate escapes of undecodable bytes
+        return False
+    return True
+
+
 def validate(cfg, sources=None):
     """Check values (not only types); the error names the key and the file that set it."""
     sources = sources or {}
@@ -370,6 +378,15 @@ def validate(cfg, sources=None):
     def _one_of(value, choices, key):
         _check(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
 
+    for table in dataclasses.fields(cfg):  # a path given as bytes that are not UTF-8 (argv keeps them)
+        for f in dataclasses.fields(getattr(cfg, table.name)):
+            value = getattr(getattr(cfg, table.name), f.name)
+            texts = value if isinstance(value, list) else [value]
+            _check(
+                all(_is_utf8(t) for t in texts if isinstance(t, str)),
+                f"{table.name}.{f.name}",
+                f"is not valid UTF-8 ({ascii(value)}); every checkpoint keeps the config as TOML text: rename it",
+            )
     r, d, v, e, p, ev = cfg.run, cfg.data, cfg.vqvae, cfg.encdiff, cfg.perf, cfg.eval
     _check(r.out_dir != "", "run.out_dir", "must not be empty")
     _check(r.resume in ("auto", "never"), "run.resume", f"must be 'auto' or 'never'; got {r.resume!r}")

@@ -116,6 +116,7 @@ def test_a_rejected_command_leaves_the_run_directory_as_it_was(tmp_path, tiny_da
         (["--data.name=synth3d", "--data.grid=small", "--data.path={full}"], "holds the 'full' synth3d grid"),
         (["--data.path={dir}"], "is a directory"),
         (["--encdiff.steps=100000", "--run.max_hours=0.001"], "add --config configs/cpu.toml"),  # timed steps
+        (["--run.out_dir={dir}/caf\udce9"], "run.out_dir: is not valid UTF-8 ('"),  # a Latin-1 byte in argv
     ],
 )
 def test_each_mistake_is_one_early_line(tmp_path, tiny_data, args, message):
