@@ -99,7 +99,7 @@ def plot_seeds(cfg):
 
 def train_run(cfg, stop):
     """One run: the checks before any long work, then its stages in run.out_dir. -> exit status."""
-    d = dist.setup(cfg.run.device, cfg.run.init_timeout, cfg.run.collective_timeout or None)
+    d = dist.setup(cfg.run.device, cfg.run.init_timeout, cfg.run.collective_timeout)
     for name in STAGES:
         if getattr(cfg, name).batch_size % d.world_size:
             raise UserError(

@@ -279,7 +279,7 @@ def format_table(results, baseline, dataset_name, notes=None):
 
 def paper_scores(dataset_name):
     """(column label, {(metric, key): the paper's EncDiff value}) for a dataset: the paper's
-    datasets, and synth3d labelled as Shapes3D's reference only; ("", {}) for the others."""
+    datasets, and synth3d labelled as Shapes3D's reference only; ("paper EncDiff", {}) for the others."""
     paper_key = "shapes3d" if dataset_name == "synth3d" else dataset_name
     paper_name, paper = PAPER_ENCDIFF.get(paper_key, (None, {}))
     if paper_name is None:

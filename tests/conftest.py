@@ -90,62 +90,65 @@ def train_args(out_dir, data, *extra):
     return [*TINY, f"--run.out_dir={out_dir}", "--data.name=h5", f"--data.path={data}", *extra]
 
 
-def run_train(out_dir, data, *extra, nproc=1, check=True, process=False):
+def run_train(out_dir, data, *extra, nproc=1, check=True):
     """train.py on TINY with one thread per process -> a CompletedProcess (returncode, stdout,
-    stderr). Under torchrun when nproc > 1; in this process when nproc == 1 and not `process` (what
-    a subprocess would print and its exit status, without paying torch's imports again: tests that
-    need a process of its own, for signals or a namespace, say process=True)."""
+    stderr): in this process when nproc == 1 (as its own process would run it, without paying
+    torch's imports again), under torchrun when nproc > 1. A test that needs a process of its own
+    (signals, a namespace) starts it itself."""
     args = train_args(out_dir, data, *extra)
-    if nproc == 1 and not process:
-        r = train_here(args)
-    else:
-        r = train_process(args, nproc)
+    r = train_here(args) if nproc == 1 else train_under_torchrun(args, nproc)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
-def train_process(args, nproc=1):
+def train_under_torchrun(args, nproc):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "train.py"),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "train.py"), *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            str(ROOT / "train.py"),
-            *args,
-        ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+@contextlib.contextmanager
+def stop_handlers_kept():
+    """train.py installs its stop handlers (SIGINT, SIGTERM); pytest's come back afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 
 def train_here(args):
     """train.py's command line in this process, as its own process would run it: one thread (the
-    CPU's reductions depend on the thread count), its stop handlers and exit status."""
+    CPU's reductions depend on the thread count), its stdout, stderr, warnings and exit status."""
     import train
 
     out, err = io.StringIO(), io.StringIO()
     threads = torch.get_num_threads()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     torch.set_num_threads(1)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-            warnings.simplefilter("default")  # a process's own rule, and its warnings on its stderr
-            warnings.showwarning = lambda msg, cat, name, line_no, file=None, line=None: err.write(
-                warnings.formatwarning(msg, cat, name, line_no, line)
-            )
-            try:
-                train.run(list(map(str, args)))
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        with stop_handlers_kept(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")  # a process's own rule, and its warnings on its stderr
+                warnings.showwarning = lambda msg, cat, name, line_no, file=None, line=None: err.write(
+                    warnings.formatwarning(msg, cat, name, line_no, line)
+                )
+                try:
+                    train.run(list(map(str, args)))
+                    code = 0
+                except SystemExit as e:
+                    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         torch.set_num_threads(threads)
-        for s, h in handlers.items():  # train.py installs its stop handlers first
-            signal.signal(s, h)
     return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
 
 
@@ -156,13 +159,8 @@ def train_error(*argv):
     import train
     from encdiff.errors import UserError
 
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with pytest.raises(UserError) as e:
-            train.main(list(map(str, argv)))
-    finally:
-        for s, h in handlers.items():  # train.py installs its stop handlers first
-            signal.signal(s, h)
+    with stop_handlers_kept(), pytest.raises(UserError) as e:
+        train.main(list(map(str, argv)))
     message = str(e.value)
     assert "\n" not in message, message
     return message
@@ -173,12 +171,8 @@ def train_in_process(*argv):
     its exit status; what it prints goes to pytest's capture."""
     import train
 
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_handlers_kept():
         return train.main(list(map(str, argv)))
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 def final(out_dir, stage):
