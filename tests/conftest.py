@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist's workers (pyproject's addopts) take one core each; alone, the process takes two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = [ROOT / "config.toml", ROOT / "configs" / "smoke.toml"]

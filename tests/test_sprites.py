@@ -38,7 +38,7 @@ def test_the_generic_reader_opens_it_with_its_factors(path):
 
 def test_every_combination_gives_a_distinct_image(grid):
     flat = grid.reshape(-1, 64 * 64 * 3)
-    assert len(np.unique(flat, axis=0)) == len(flat)
+    assert len({row.tobytes() for row in flat}) == len(flat)  # a set of the images' bytes: fast
 
 
 @pytest.mark.parametrize("axis", range(5))
