@@ -251,9 +251,18 @@ def _sliced_attention(qkv, kv, backend):
     return kernels.attention(qkv[..., :C], kv[..., :C], kv[..., C:], 2, backend=backend)
 
 
-@pytest.mark.parametrize("backend,compiler", [("auto", "inductor"), ("triton", "aot_eager")])
+@pytest.mark.parametrize(
+    "backend,compiler",
+    [
+        ("auto", "aot_eager"),
+        # inductor's C++ build of the forward and backward: 15-35 s on a cold cache (test_models' too)
+        pytest.param("auto", "inductor", marks=pytest.mark.slow),
+        ("triton", "aot_eager"),
+    ],
+)
 def test_compiles_without_graph_breaks(backend, compiler):
-    """fullgraph=True fails on any graph break: the Triton path must be an opaque op to dynamo."""
+    """fullgraph=True fails on any graph break: the Triton path must be an opaque op to dynamo, and
+    AOTAutograd traces the forward and backward that inductor compiles."""
     torch._dynamo.reset()
     qkv = torch.randn(2, 37, 48, device=DEVICE, requires_grad=True)
     kv = torch.randn(2, 20, 32, device=DEVICE, requires_grad=True)
