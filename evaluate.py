@@ -18,6 +18,7 @@ pictures when eval.pictures is on.
 """
 
 import csv
+import dataclasses
 import glob
 import json
 import os
@@ -143,21 +144,28 @@ def every_checkpoint_of_runs(paths, args, files, overrides):
     out = writable_dir(Path(args.out), overwrite=True)
     names = [Path(p).name for p in paths]
     labels = names if len(set(names)) == len(names) else [str(p) for p in paths]  # short where they differ
-    runs, cfg_eval = [], None
+    runs, settings, cfg = [], [], None
     for i, (path, label) in enumerate(zip(paths, labels)):
         print(f"\n[{i + 1}/{len(paths)}] {path}")
-        records, cfg_eval = every_checkpoint(path, args, files, overrides, None)
+        records, cfg = every_checkpoint(path, args, files, overrides, None)
         runs.append((label, records))
-    if plot_runs(out / "progress_runs.png", runs, f"{len(runs)} runs: every checkpoint", cfg_eval):
+        settings.append(setting_of(cfg))
+    groups = [settings.index(s) for s in settings]  # the seeds of one setting: one colour
+    if plot_runs(out / "progress_runs.png", runs, f"{len(runs)} runs: every checkpoint", cfg.eval, groups):
         print(f"wrote {out / 'progress_runs.png'}")
     else:
         print("progress_runs.png skipped: matplotlib is not installed (pip install -e '.[plot]')")
     return 0
 
 
+def setting_of(cfg):
+    """A run's config without what only names or seeds it: equal for the seeds of one setting."""
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=0, seeds=[], parallel="none", out_dir=""))
+
+
 def every_checkpoint(path, args, files, overrides, out):
     """The quick metrics of each kept checkpoint of a run, oldest first, as the records of eval.every,
-    in `out` (default RUN/encdiff/eval_checkpoints). -> (records, the eval config)."""
+    in `out` (default RUN/encdiff/eval_checkpoints). -> (records, the run's config)."""
     run = Path(path)
     stage_dir = run / "encdiff" if (run / "encdiff").is_dir() else run
     paths = ckpt.list_checkpoints(stage_dir)
@@ -194,7 +202,7 @@ def every_checkpoint(path, args, files, overrides, out):
     else:
         print("progress.png skipped: matplotlib is not installed (pip install -e '.[plot]')")
     print(f"wrote {out_dir / 'metrics.jsonl'}")
-    return records, ev
+    return records, first.cfg
 
 
 def main(argv=None):

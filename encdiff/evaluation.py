@@ -445,22 +445,40 @@ def save_figure(fig, plt, path):
 RUN_METRICS = ("factor_vae", "dci", "mig")  # the panels of a figure of several runs
 
 
-def plot_runs(path, runs, title="", cfg_eval=None):
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def run_styles(groups):
+    """A colour per group and a line style per run within it (groups: one key per run, equal keys
+    for the seeds of one setting); all runs in one group: a colour per run, all drawn solid."""
+    keys = list(dict.fromkeys(groups))  # first seen, first coloured
+    if len(keys) == 1:
+        return [{"color": f"C{i % 10}", "ls": "-"} for i in range(len(groups))]
+    styles, drawn = [], {}
+    for g in groups:
+        styles.append({"color": f"C{keys.index(g) % 10}", "ls": LINE_STYLES[drawn.get(g, 0) % len(LINE_STYLES)]})
+        drawn[g] = drawn.get(g, 0) + 1
+    return styles
+
+
+def plot_runs(path, runs, title="", cfg_eval=None, groups=None):
     """Several runs' curves (seeds of a sweep, batch 32 against 256, ...) on one axis of images seen:
     one panel per headline metric, one line per run, eval's targets dashed. runs: [(label, records of
-    metrics.jsonl)]. -> False (nothing drawn) without matplotlib or without any scores."""
+    metrics.jsonl)]; groups: a key per run, equal for runs of one setting (run_styles). -> False
+    (nothing drawn) without matplotlib or without any scores."""
     plt = pyplot()
     names = [n for n in RUN_METRICS if any(n in r for _, records in runs for r in records)]
     if plt is None or not names:
         return False
     targets = {} if cfg_eval is None else {"factor_vae": cfg_eval.target_factor_vae, "dci": cfg_eval.target_dci}
+    styles = run_styles(list(range(len(runs))) if groups is None else groups)
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         key = HEADLINE[name]
-        for label, records in runs:
+        for (label, records), style in zip(runs, styles):
             points = [(r["images_seen"], r[name][key]) for r in records if name in r and "images_seen" in r]
             if points:
-                ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, label=label)
+                ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, label=label, **style)
         if name in targets:
             ax.axhline(targets[name], color="grey", ls="--", lw=0.8, label="target")
         ax.set_ylim(0, 1.02)

@@ -76,3 +76,23 @@ def test_every_checkpoint_of_several_runs_draws_them_on_one_axis(three_runs, tmp
         steps = [json.loads(line)["step"] for line in (run / "encdiff" / "eval_checkpoints" / "metrics.jsonl").open()]
         assert steps == [3, 6]
     assert capsys.readouterr().out.count("time to disentanglement") == 2
+
+
+def test_the_seeds_of_one_setting_share_a_colour_and_differ_in_line_style():
+    from conftest import SMOKE
+    from encdiff.config import build_config
+    from encdiff.evaluation import run_styles
+
+    base = build_config(SMOKE, [])
+    seed_1 = build_config(SMOKE, [("run.seed", "1"), ("run.out_dir", "elsewhere")])
+    batch = build_config(SMOKE, [("encdiff.batch_size", "16")])
+    assert evaluate.setting_of(seed_1) == evaluate.setting_of(base) != evaluate.setting_of(batch)
+    # batch 32 seeds 0 and 1, batch 256 seeds 0 and 1: two colours, a line style per seed
+    assert run_styles([0, 0, 1, 1]) == [
+        {"color": "C0", "ls": "-"},
+        {"color": "C0", "ls": "--"},
+        {"color": "C1", "ls": "-"},
+        {"color": "C1", "ls": "--"},
+    ]
+    # one setting (the seeds of --run.seeds): a colour per run, as matplotlib's own cycle
+    assert run_styles([0, 0, 0]) == [{"color": f"C{i}", "ls": "-"} for i in range(3)]
