@@ -437,7 +437,7 @@ def save_figure(fig, plt, path):
     """Written under a temporary name, then renamed: a reader never sees half a PNG."""
     fig.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    fig.savefig(tmp, dpi=90, bbox_inches="tight")  # "tight": a legend outside the axes is kept
     plt.close(fig)
     tmp.replace(path)
 
@@ -484,7 +484,8 @@ def plot_runs(path, runs, title="", cfg_eval=None, groups=None):
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("images seen")
         ax.set_title(f"{name}.{key} (quick)", fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()  # one legend for all panels, off the curves
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(title)
     save_figure(fig, plt, path)
     return True
