@@ -15,6 +15,20 @@ def test_every_preset_parses():
         parse_args(["--config", str(ROOT / "config.toml"), "--config", str(preset)])
 
 
+def test_fast_preset_keeps_the_default_recipes_images_at_eight_times_the_batch():
+    """configs/fast.toml's header: config.toml's warm-up and length in images, the linear rule's lr."""
+    from encdiff.optim import scaled_lr, warmup_steps
+
+    default = parse_args(["--config", str(ROOT / "config.toml")])
+    fast = parse_args(["--config", str(ROOT / "config.toml"), "--config", str(ROOT / "configs" / "fast.toml")])
+    d, f = default.encdiff, fast.encdiff
+    assert f.batch_size == 8 * d.batch_size and f.batch_size % 8 == 0  # 128 per GPU on 8
+    assert warmup_steps(f) * f.batch_size == warmup_steps(d) * d.batch_size
+    assert f.steps * f.batch_size == d.steps * d.batch_size
+    assert scaled_lr(f) == pytest.approx(8 * scaled_lr(d)) == pytest.approx(2.048e-3)
+    assert fast.eval.stop_at_target and fast.eval.every > 0 and fast.vqvae == default.vqvae
+
+
 def test_later_files_win_and_overrides_come_last(tmp_path):
     a, b = tmp_path / "a.toml", tmp_path / "b.toml"
     a.write_text("[encdiff]\nsteps = 10\nlr = 1e-4\n")
