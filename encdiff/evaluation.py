@@ -454,11 +454,10 @@ def run_styles(groups):
     keys = list(dict.fromkeys(groups))  # first seen, first coloured
     if len(keys) == 1:
         return [{"color": f"C{i % 10}", "ls": "-"} for i in range(len(groups))]
-    styles, drawn = [], {}
-    for g in groups:
-        styles.append({"color": f"C{keys.index(g) % 10}", "ls": LINE_STYLES[drawn.get(g, 0) % len(LINE_STYLES)]})
-        drawn[g] = drawn.get(g, 0) + 1
-    return styles
+    return [
+        {"color": f"C{keys.index(g) % 10}", "ls": LINE_STYLES[groups[:i].count(g) % len(LINE_STYLES)]}
+        for i, g in enumerate(groups)
+    ]
 
 
 def plot_runs(path, runs, title="", cfg_eval=None, groups=None):
